@@ -1,0 +1,39 @@
+"""``api-adapter <command> [args]``: one console entry point over the scripts.
+
+Each command is a module in ``scripts/`` with ``main(argv) -> int``; it is imported only
+when run, so ``api-adapter --help`` answers at once.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "main": ("scripts.main_job", "the main job on the embedded default (see README)"),
+    "generate-dataset": ("scripts.generate_dataset", "write a task's train/test JSONL"),
+    "baseline": ("scripts.run_baseline", "the upstream alone on a task file, cached"),
+    "bench-verifiers": ("scripts.bench_verifiers", "verifier throughput and latency"),
+}
+
+
+def _usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = [f"  {name:<{width}}  {summary}" for name, (_, summary) in COMMANDS.items()]
+    return "usage: api-adapter <command> [args]   (api-adapter <command> --help)\n\ncommands:\n" + "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    if argv[0] not in COMMANDS:
+        print(f"api-adapter: unknown command {argv[0]!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[argv[0]][0])
+    return module.main(argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
