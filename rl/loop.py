@@ -1,0 +1,222 @@
+"""The GRPO training loop, written against small interfaces so it runs in-process or on Ray.
+
+One step, as a flat list of timed phases:
+
+1. ``rollout`` — take the next ``prompts_per_step`` items, sample ``group_size`` completions
+   of each from the rollout engine (the current adapter, ``policy_version`` on every one);
+2. ``verify`` — score every completion (response prefix + completion) with the reward;
+3. ``advantages`` — group-normalised advantages; groups whose rewards are all equal carry no
+   signal and are dropped, and further prompts are sampled (up to ``max_refill_rounds``) to
+   refill the batch;
+4. ``learn`` — one optimizer step of the learner over the kept groups;
+5. ``sync`` — the learner's LoRA tensors go to the engine under the new version.
+
+The loop never holds more than the interfaces below; the Ray trainer wires actor groups that
+satisfy them. Variants (async, off-policy) wrap the phases, they do not live in this function.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Protocol, Sequence
+
+import torch
+
+from rl.grpo import group_advantages, select_informative_groups
+from rl.records import Completion, Prompt, SamplingParams, TrainGroup
+from verifiers.rewards import Example, RewardResult
+
+
+@dataclass(frozen=True)
+class TrainItem:
+    """One training prompt: its rendered prompt, what the reward needs, and a category
+    (``custom`` / ``standard`` / ``gsm8k``) for per-category metrics."""
+
+    uid: str
+    prompt: Prompt
+    example: Example
+    category: str
+
+
+class RolloutEngine(Protocol):
+    policy_version: int
+
+    def generate(self, prompts: list[Prompt], n: int, sampling: SamplingParams) -> list[Completion]: ...
+
+    def update_adapter(self, version: int, tensors: dict) -> None: ...
+
+
+class Learner(Protocol):
+    policy_version: int
+
+    def train_step(self, groups: list[TrainGroup]): ...
+
+    def export_adapter(self) -> dict: ...
+
+
+Scorer = Callable[[Sequence[tuple[str, Example]]], list[RewardResult]]
+
+
+class MetricsSink(Protocol):
+    def log(self, step: int, metrics: dict) -> None: ...
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    steps: int
+    prompts_per_step: int
+    group_size: int
+    sampling: SamplingParams
+    advantage_scale: str = "std"
+    filter_zero_variance: bool = True
+    max_refill_rounds: int = 2
+    seed: int = 0
+
+
+@dataclass
+class StepTimer:
+    """Wall-clock seconds per named phase, reported as ``timing/<phase>``."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def phase(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+
+def cycle_items(items: Sequence[TrainItem], seed: int) -> Iterator[TrainItem]:
+    """Endless epochs over ``items``, reshuffled each epoch with a seeded RNG."""
+    rng = random.Random(seed)
+    for _ in itertools.count():
+        order = list(items)
+        rng.shuffle(order)
+        yield from order
+
+
+def _score_groups(items, completions, score: Scorer, group_size: int):
+    """Rewards and results per group, in the items' order."""
+    pairs = [(items[c.prompt_index].prompt.response_prefix + c.text, items[c.prompt_index].example)
+             for c in completions]
+    results = score(pairs)
+    groups = [[] for _ in items]
+    for completion, result in zip(completions, results):
+        groups[completion.prompt_index].append((completion, result))
+    for group in groups:
+        assert len(group) == group_size, "the engine returned a partial group"
+    return groups
+
+
+def _collect(stream, engine, score, settings, timer):
+    """Sample and score groups until enough carry signal or the refill bound is reached.
+
+    Returns every sampled group (for metrics), the groups to train on, and how many
+    zero-variance groups were dropped.
+    """
+    sampled: list[tuple[TrainItem, list]] = []
+    pool: list[tuple[TrainItem, list]] = []  # informative groups kept so far
+    wanted, rounds, dropped = settings.prompts_per_step, 0, 0
+    while True:
+        items = [next(stream) for _ in range(wanted)]
+        with timer.phase("rollout"):
+            completions = engine.generate([i.prompt for i in items], settings.group_size, settings.sampling)
+        with timer.phase("verify"):
+            groups = list(zip(items, _score_groups(items, completions, score, settings.group_size)))
+        sampled += groups
+        if not settings.filter_zero_variance:
+            return sampled, groups, 0
+        pool += groups
+        rewards = [[result.reward for _, result in group] for _, group in pool]
+        selection = select_informative_groups(rewards, settings.prompts_per_step, rounds, settings.max_refill_rounds)
+        dropped += len(selection.dropped)
+        pool = [pool[i] for i in selection.kept]
+        if not selection.need_more:
+            return sampled, pool, dropped
+        wanted, rounds = selection.missing, rounds + 1
+
+
+def _train_groups(kept, settings) -> list[TrainGroup]:
+    groups = []
+    for item, group in kept:
+        rewards = [result.reward for _, result in group]
+        advantages = group_advantages(torch.tensor(rewards), len(rewards), settings.advantage_scale).tolist()
+        completions = [c for c, _ in group]
+        groups.append(TrainGroup(
+            prompt_ids=item.prompt.token_ids,
+            completions=[c.token_ids for c in completions],
+            advantages=advantages,
+            rollout_logprobs=[c.logprobs for c in completions],
+            truncated=[c.finish_reason == "length" for c in completions],
+            policy_version=completions[0].policy_version,
+            rewards=rewards,
+        ))
+    return groups
+
+
+def rollout_metrics(sampled) -> dict:
+    """Reward, length and truncation statistics over every sampled group (kept or not)."""
+    results = [(item, c, r) for item, group in sampled for c, r in group]
+    rewards = [r.reward for _, _, r in results]
+    lengths = [len(c.token_ids) for _, c, _ in results]
+    mean = sum(rewards) / len(rewards)
+    metrics = {
+        "reward/mean": mean,
+        "reward/std": (sum((x - mean) ** 2 for x in rewards) / len(rewards)) ** 0.5,
+        "reward/format_ok": sum(r.format_ok for _, _, r in results) / len(results),
+        "rollout/completion_len": sum(lengths) / len(lengths),
+        "rollout/truncated": sum(c.finish_reason == "length" for _, c, _ in results) / len(results),
+        "rollout/tokens": sum(lengths),
+    }
+    for category in sorted({item.category for item, _, _ in results}):
+        values = [r.reward for item, _, r in results if item.category == category]
+        metrics[f"reward/{category}"] = sum(values) / len(values)
+    return metrics
+
+
+def train_step(step, stream, engine: RolloutEngine, learner: Learner, score: Scorer, settings) -> dict:
+    """One GRPO step; returns its metrics (including ``timing/*`` and one decoded sample)."""
+    timer = StepTimer()
+    sampled, kept, dropped = _collect(stream, engine, score, settings, timer)
+    metrics = rollout_metrics(sampled)
+    metrics["groups/sampled"] = len(sampled)
+    metrics["groups/zero_variance_dropped"] = dropped
+    metrics["groups/kept"] = len(kept)
+    with timer.phase("advantages"):
+        groups = _train_groups(kept, settings)
+    if groups:
+        with timer.phase("learn"):
+            stats = learner.train_step(groups)
+        metrics.update({f"learn/{k}": v for k, v in vars(stats).items() if isinstance(v, (int, float))})
+        with timer.phase("sync"):
+            engine.update_adapter(learner.policy_version, learner.export_adapter())
+    metrics["policy_version"] = learner.policy_version
+    metrics.update({f"timing/{name}": seconds for name, seconds in timer.seconds.items()})
+    if metrics.get("timing/rollout"):
+        metrics["throughput/rollout_tokens_per_s"] = metrics["rollout/tokens"] / metrics["timing/rollout"]
+    item, group = sampled[0]
+    completion, result = group[0]
+    metrics["sample"] = {"uid": item.uid, "completion": item.prompt.response_prefix + completion.text,
+                         "reward": result.reward, "api_answer": str(item.example.api_answer)}
+    return metrics
+
+
+def train(items: Sequence[TrainItem], engine, learner, score: Scorer, settings: LoopSettings,
+          sink: MetricsSink, on_step_end: Callable[[int, dict], None] | None = None,
+          start_step: int = 0) -> list[dict]:
+    """Run ``settings.steps`` steps from ``start_step``; every step's metrics go to ``sink``."""
+    stream = cycle_items(items, settings.seed + start_step)
+    history = []
+    for step in range(start_step, settings.steps):
+        metrics = train_step(step, stream, engine, learner, score, settings)
+        sink.log(step, metrics)
+        history.append(metrics)
+        if on_step_end is not None:
+            on_step_end(step, metrics)
+    return history

@@ -1,0 +1,118 @@
+"""The loop's wiring with in-memory stand-ins for the engine and learner (the real ones are
+tested in tests/actors and together in the learning test)."""
+
+from dataclasses import dataclass
+
+import pytest
+
+from rl.loop import LoopSettings, TrainItem, cycle_items, train
+from rl.records import Completion, Prompt, SamplingParams
+from verifiers.rewards import Example, get_reward
+
+
+class ScriptedEngine:
+    """Answers item k's prompt with the texts in ``answers[k]`` (cycled over the group)."""
+
+    def __init__(self, answers):
+        self.answers, self.policy_version, self.updates, self.calls = answers, 0, [], []
+
+    def generate(self, prompts, n, sampling):
+        self.calls.append(len(prompts))
+        out = []
+        for p_index, prompt in enumerate(prompts):
+            texts = self.answers[prompt.text]
+            for s in range(n):
+                text = texts[s % len(texts)]
+                out.append(Completion(p_index, s, [1] * len(text), [-0.5] * len(text), text, "stop",
+                                      self.policy_version))
+        return out
+
+    def update_adapter(self, version, tensors):
+        self.updates.append(version)
+        self.policy_version = version
+
+
+@dataclass
+class Stats:
+    loss: float
+
+
+class RecordingLearner:
+    def __init__(self):
+        self.policy_version, self.batches = 0, []
+
+    def train_step(self, groups):
+        self.batches.append(groups)
+        self.policy_version += 1
+        return Stats(loss=0.5)
+
+    def export_adapter(self):
+        return {"w": self.policy_version}
+
+
+class Sink:
+    def __init__(self):
+        self.rows = []
+
+    def log(self, step, metrics):
+        self.rows.append((step, metrics))
+
+
+def score(pairs):
+    return [get_reward("binary")(text, example) for text, example in pairs]
+
+
+def _items(kinds):
+    """kinds: 'mixed' (one right, one wrong answer) or 'flat' (always right)."""
+    items, answers = [], {}
+    for k, kind in enumerate(kinds):
+        prompt = Prompt([k], f"p{k}", response_prefix="\\boxed{")
+        answers[prompt.text] = ["7}", "8}"] if kind == "mixed" else ["7}"]
+        items.append(TrainItem(f"u{k}", prompt, Example(truth=7, api_answer=7), "custom"))
+    return items, ScriptedEngine(answers)
+
+
+def test_step_learns_syncs_and_logs():
+    items, engine = _items(["mixed"] * 4)
+    learner, sink = RecordingLearner(), Sink()
+    settings = LoopSettings(steps=3, prompts_per_step=2, group_size=4, sampling=SamplingParams())
+    history = train(items, engine, learner, score, settings, sink)
+    assert [step for step, _ in sink.rows] == [0, 1, 2]
+    assert engine.updates == [1, 2, 3] and history[-1]["policy_version"] == 3
+    group = learner.batches[0][0]
+    assert group.rewards == [1.0, 0.0, 1.0, 0.0]
+    assert group.advantages == pytest.approx([1.0, -1.0, 1.0, -1.0], abs=1e-4)
+    metrics = history[0]
+    assert metrics["reward/mean"] == 0.5 and metrics["reward/custom"] == 0.5
+    assert metrics["groups/kept"] == 2 and metrics["groups/zero_variance_dropped"] == 0
+    assert {"timing/rollout", "timing/verify", "timing/learn", "timing/sync"} <= set(metrics)
+    assert metrics["sample"]["completion"] in ("\\boxed{7}", "\\boxed{8}")
+
+
+def test_zero_variance_groups_are_dropped_and_refilled():
+    items, engine = _items(["flat", "mixed", "flat", "mixed", "flat", "flat"])
+    learner = RecordingLearner()
+    settings = LoopSettings(steps=1, prompts_per_step=2, group_size=2, sampling=SamplingParams(),
+                            max_refill_rounds=5, seed=3)
+    metrics = train(items, engine, learner, score, settings, Sink())[0]
+    assert metrics["groups/kept"] == 2 == len(learner.batches[0])
+    assert metrics["groups/zero_variance_dropped"] == metrics["groups/sampled"] - 2
+    assert all(set(g.rewards) == {0.0, 1.0} for g in learner.batches[0])
+
+
+def test_refill_bound_then_no_learning_step():
+    items, engine = _items(["flat"] * 3)
+    learner = RecordingLearner()
+    settings = LoopSettings(steps=1, prompts_per_step=2, group_size=2, sampling=SamplingParams(),
+                            max_refill_rounds=1)
+    metrics = train(items, engine, learner, score, settings, Sink())[0]
+    assert engine.calls == [2, 2]  # the first round and one refill
+    assert learner.batches == [] and engine.updates == [] and metrics["policy_version"] == 0
+    assert metrics["groups/zero_variance_dropped"] == 4
+
+
+def test_cycle_items_reshuffles_every_epoch():
+    items = list(range(5))
+    stream = cycle_items(items, seed=0)
+    epochs = [[next(stream) for _ in items] for _ in range(3)]
+    assert all(sorted(e) == items for e in epochs) and epochs[0] != epochs[1]
