@@ -1,0 +1,61 @@
+"""Where step metrics go: one JSON line per step, a short console line, or nowhere.
+
+Metrics are named by owner and phase (``reward/mean``, ``timing/rollout``, ``learn/kl``);
+every sink takes the same flat dict, logged from one place (the loop's caller).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import TextIO
+
+CONSOLE_KEYS = ("reward/mean", "groups/kept", "learn/loss", "learn/kl", "rollout/completion_len")
+
+
+class NullSink:
+    """Tracking off."""
+
+    def log(self, step: int, metrics: dict) -> None:
+        pass
+
+
+class JsonlSink:
+    """Appends ``{"step": n, **metrics}`` to a file, flushed per step (a killed run keeps them)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def log(self, step: int, metrics: dict) -> None:
+        with self.path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps({"step": step, **metrics}, default=str) + "\n")
+
+
+class ConsoleSink:
+    """One line per step: the key numbers, the step's seconds, and the decoded sample."""
+
+    def __init__(self, stream: TextIO = sys.stdout):
+        self.stream = stream
+
+    def log(self, step: int, metrics: dict) -> None:
+        parts = [f"step {step:4d}"]
+        parts += [f"{key.split('/')[-1]}={metrics[key]:.3g}" for key in CONSOLE_KEYS if key in metrics]
+        seconds = sum(v for k, v in metrics.items() if k.startswith("timing/"))
+        parts.append(f"{seconds:.1f}s")
+        sample = metrics.get("sample")
+        if sample:
+            parts.append(f"sample={sample['completion'][:60]!r}→{sample['reward']:g}")
+        print("  ".join(parts), file=self.stream, flush=True)
+
+
+class FanOut:
+    """Several sinks as one."""
+
+    def __init__(self, *sinks):
+        self.sinks = sinks
+
+    def log(self, step: int, metrics: dict) -> None:
+        for sink in self.sinks:
+            sink.log(step, metrics)
