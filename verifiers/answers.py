@@ -53,6 +53,10 @@ def extract_boxed(text: str) -> str | None:
 
 def last_box_span(text: str) -> tuple[int, int] | None:
     """``(start, end)`` of the last complete box's content; ``text[end]`` is its ``}``."""
+    if isinstance(text, str) and text.count("{") == 1:  # the common case: one flat box
+        opening = _BOX_OPEN.search(text)
+        close = text.find("}", opening.end()) if opening else -1
+        return (opening.end(), close) if close >= 0 else None
     boxes = _complete_boxes(text)
     return boxes[-1] if boxes else None
 
@@ -106,13 +110,16 @@ def _signed_value(text: str) -> Fraction | None:
     match = _NUMBER_TOKEN.match(text.strip())
     if not match or len(match.group(2)) > MAX_DIGITS:
         return None
-    value = Fraction(match.group(2).replace(",", ""))
+    digits = match.group(2).replace(",", "")
+    value = Fraction(digits) if "." in digits else Fraction(int(digits))
     return -value if match.group(1) in ("-", "−") else value
 
 
 def _unwrap(text: str) -> str:
     r"""Strip spaces, ``$`` delimiters and ``\text{...}``-style wrappers."""
     text = text.strip()
+    if "$" not in text and "\\" not in text:
+        return text
     for _ in range(4):  # wrappers nest rarely; a fixed bound keeps this linear
         stripped = text.strip("$ ").strip()
         wrapped = _WRAPPERS.match(stripped)
@@ -139,12 +146,17 @@ def resolve_adapter_answer(text: str, api_answer: Fraction | int | None) -> Frac
     >>> resolve_adapter_answer(r"\boxed{INCORRECT}", 5) is None
     True
     """
-    content = extract_boxed(text)
+    return read_box(extract_boxed(text), api_answer)
+
+
+def read_box(content: str | None, api_answer: Fraction | int | None) -> Fraction | None:
+    """What a box's content resolves to (see :func:`resolve_adapter_answer`)."""
     if content is None:
         return None
-    if is_correct_token(content):
+    content = _unwrap(content)
+    if content.upper() == "CORRECT":
         return None if api_answer is None else Fraction(api_answer)
-    inner = extract_boxed(content)  # \boxed{\boxed{5}}: read the innermost
+    inner = extract_boxed(content)  # \\boxed{\\boxed{5}}: read the innermost
     return parse_number(inner if inner is not None else content)
 
 

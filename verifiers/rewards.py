@@ -30,7 +30,8 @@ from verifiers.answers import (
     find_numbers,
     is_correct_token,
     last_box_span,
-    resolve_adapter_answer,
+    parse_number,
+    read_box,
     score_gsm8k,
 )
 
@@ -68,13 +69,14 @@ RewardFn = Callable[[str, Example], RewardResult]
 
 def adapter_reward(completion: str, example: Example) -> RewardResult:
     """The adapter task's binary reward with its diagnostics."""
-    answer = resolve_adapter_answer(completion, example.api_answer)
     span = last_box_span(completion)
     box = None if span is None else completion[span[0] : span[1]]
-    format_ok = box is not None and (is_correct_token(box) or answer is not None)
+    answer = read_box(box, example.api_answer)
+    format_ok = box is not None and (answer is not None or is_correct_token(box))
     trailing = span is not None and completion[span[1] + 1 :].strip() != ""
-    truth = Fraction(example.truth)  # type: ignore[arg-type]
-    return RewardResult(1.0 if answer == truth else 0.0, answer, format_ok, trailing)
+    truth = parse_number(example.truth) if isinstance(example.truth, str) else example.truth
+    correct = answer is not None and answer == truth  # Fraction == int is exact
+    return RewardResult(1.0 if correct else 0.0, answer, format_ok, trailing)
 
 
 def binary_reward(completion: str, truth: Fraction | int, api_answer: Fraction | int | None) -> float:

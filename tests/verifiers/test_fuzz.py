@@ -55,3 +55,19 @@ def test_cheap_verifiers_on_hostile_corpus():
 def test_cheap_verifiers_never_raise_on_arbitrary_text(text):
     for _ in _cheap_verifiers(text):
         pass
+
+
+def test_math_judge_on_hostile_corpus():
+    from verifiers.math import Verdict, judge
+
+    timeout_s = 2.0
+    judge("x", "x+0")  # start the sandbox outside the per-call bound (a once-per-process cost)
+    verdicts = {}
+    for text in CORPUS:
+        start = time.perf_counter()
+        verdict = judge(text, "18", timeout_s=timeout_s).verdict
+        elapsed = time.perf_counter() - start
+        assert elapsed < timeout_s + 1.5, f"{elapsed:.2f}s on {text[:60]!r} (len {len(text)})"
+        assert isinstance(verdict, Verdict)
+        verdicts[verdict.name] = verdicts.get(verdict.name, 0) + 1
+    print(f"math.judge verdicts on the corpus: {verdicts}")
