@@ -11,7 +11,7 @@ One step, as a flat list of timed phases:
 4. ``learn`` — one optimizer step of the learner over the kept groups;
 5. ``sync`` — the learner's LoRA tensors go to the engine under the new version.
 
-The loop never holds more than the interfaces below; the Ray trainer wires actor groups that
+The loop holds nothing but the interfaces in rl/interfaces.py; the Ray trainer wires actor groups that
 satisfy them. Variants (async, off-policy) wrap the phases, they do not live in this function.
 """
 
@@ -27,7 +27,8 @@ from typing import Callable, Iterator, Protocol, Sequence
 import torch
 
 from rl.grpo import group_advantages, select_informative_groups
-from rl.records import Completion, Prompt, SamplingParams, TrainGroup
+from rl.interfaces import Learner, RolloutEngine
+from rl.records import Prompt, SamplingParams, TrainGroup
 from verifiers.rewards import Example, RewardResult
 
 
@@ -40,22 +41,6 @@ class TrainItem:
     prompt: Prompt
     example: Example
     category: str
-
-
-class RolloutEngine(Protocol):
-    policy_version: int
-
-    def generate(self, prompts: list[Prompt], n: int, sampling: SamplingParams) -> list[Completion]: ...
-
-    def update_adapter(self, version: int, tensors: dict) -> None: ...
-
-
-class Learner(Protocol):
-    policy_version: int
-
-    def train_step(self, groups: list[TrainGroup]): ...
-
-    def export_adapter(self) -> dict: ...
 
 
 Scorer = Callable[[Sequence[tuple[str, Example]]], list[RewardResult]]

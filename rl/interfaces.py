@@ -1,0 +1,52 @@
+"""The interfaces the training loop is written against; ``actors/`` implements them.
+
+Rollout engines
+
+Two implementations: :class:`actors.rollout_hf.HFRolloutEngine` (transformers + PEFT, CPU or
+GPU, our own decode loop) and a vLLM engine (GPU). Both are plain classes; ``ray.remote`` is
+applied where the engine group is built.
+
+The rollout engine's contract:
+
+- ``generate(prompts, n, sampling)`` returns ``len(prompts) * n`` :class:`Completion` records,
+  ordered by ``(prompt_index, sample_index)``, each stamped with the ``policy_version`` that
+  produced it. ``logprobs`` are the sampler's: ``log_softmax(logits / T)`` of each sampled
+  token in float32 (plain ``log_softmax(logits)`` when greedy), before any top-k / top-p
+  renormalisation -- what the learner computes for the same tokens.
+- ``update_adapter(version, tensors)`` replaces the LoRA weights; ``tensors`` is keyed as
+  ``peft.get_peft_model_state_dict`` names them (``base_model.model.<module>.lora_A.weight``)
+  and must cover every LoRA tensor. It applies atomically between generate calls: a generate
+  sees either the old weights or the new ones, never a mix.
+- ``policy_version`` is the version of the weights now loaded (0 until the first update,
+  unless an initial adapter says otherwise).
+
+The learner's contract: ``train_step(groups)`` takes one optimizer step over the groups
+and returns its stats (a dataclass of numbers); ``policy_version`` counts successful steps;
+``export_adapter()`` returns the LoRA tensors under the same names the engine takes.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+from rl.records import Completion, Prompt, SamplingParams, TrainGroup
+
+
+@runtime_checkable
+class RolloutEngine(Protocol):
+    @property
+    def policy_version(self) -> int: ...
+
+    def generate(self, prompts: list[Prompt], n: int, sampling: SamplingParams) -> list[Completion]: ...
+
+    def update_adapter(self, version: int, tensors: dict[str, Any]) -> None: ...
+
+
+@runtime_checkable
+class Learner(Protocol):
+    @property
+    def policy_version(self) -> int: ...
+
+    def train_step(self, groups: list[TrainGroup]) -> Any: ...
+
+    def export_adapter(self) -> dict[str, Any]: ...
