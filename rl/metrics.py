@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TextIO
 
 CONSOLE_KEYS = ("reward/mean", "groups/kept", "learn/loss", "learn/kl", "rollout/completion_len")
+LABELS = {"reward/mean": "reward", "rollout/completion_len": "len"}
 
 
 class NullSink:
@@ -41,7 +42,7 @@ class ConsoleSink:
 
     def log(self, step: int, metrics: dict) -> None:
         parts = [f"step {step:4d}"]
-        parts += [f"{key.split('/')[-1]}={metrics[key]:.3g}" for key in CONSOLE_KEYS if key in metrics]
+        parts += [f"{LABELS.get(key, key.split('/')[-1])}={metrics[key]:.3g}" for key in CONSOLE_KEYS if key in metrics]
         seconds = sum(v for k, v in metrics.items() if k.startswith("timing/"))
         parts.append(f"{seconds:.1f}s")
         sample = metrics.get("sample")

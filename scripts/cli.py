@@ -11,6 +11,7 @@ import sys
 
 COMMANDS = {
     "main": ("scripts.main_job", "the main job on the embedded default (see README)"),
+    "train": ("scripts.train", "train an adapter with GRPO from a config"),
     "generate-dataset": ("scripts.generate_dataset", "write a task's train/test JSONL"),
     "baseline": ("scripts.run_baseline", "the upstream alone on a task file, cached"),
     "bench-verifiers": ("scripts.bench_verifiers", "verifier throughput and latency"),

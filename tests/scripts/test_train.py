@@ -1,0 +1,36 @@
+"""The training entry end to end on the real parts: the embedded model as upstream and as
+the adapter's base, the HF engine, the DeepSpeed + PEFT learner, the answer cache."""
+
+import json
+
+import pytest
+
+from scripts import train
+
+
+@pytest.mark.slow
+def test_smoke_config_trains_checkpoints_and_reports(tmp_path, capsys):
+    run = tmp_path / "run"
+    argv = ["--config", "configs/smoke.yaml", "--set", f"logging.run_dir={run}"]
+    assert train.main(argv) == 0
+    results = json.loads((run / "results.json").read_text())
+    assert results["steps"] == 2 and len(results["reward_curve"]) == 2
+    assert results["before"]["overall"]["total"] == results["after"]["overall"]["total"] == 8
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [0, 1]
+    assert all("timing/rollout" in m and "sample" in m for m in metrics)
+    checkpoint = run / "checkpoints" / "step_000002"
+    assert (checkpoint / "adapter_config.json").exists() and (checkpoint / "adapter_model.safetensors").exists()
+    assert (run / "config.yaml").exists() and (run / "upstream_cache.sqlite").exists()
+    # a rerun into the same folder pays for no upstream answer twice
+    capsys.readouterr()
+    assert train.main(argv + ["--set", "algorithm.steps=1", "--set", "eval.at_start=false"]) == 0
+    assert "upstream: 40 answers (40 from the cache)" in capsys.readouterr().out
+
+
+def test_bad_config_is_a_clear_error(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("algorithm:\n  stepz: 3\n")
+    assert train.main(["--config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "bad.yaml:2" in err and "algorithm.stepz" in err and "steps" in err
