@@ -118,7 +118,7 @@ class LearnerConfig:
     micro_batch_tokens: int = knob(8192, "Token budget of one forward/backward (prompt + completion "
                                    "tokens, padding included); a step accumulates as many as it needs.",
                                    ge=1)
-    zero_stage: int = knob(0, "DeepSpeed ZeRO stage.", choices=(0, 1, 2, 3))
+    zero_stage: int = knob(0, "DeepSpeed ZeRO stage (3, which also partitions the frozen base, is not supported yet).", choices=(0, 1, 2))
     gradient_checkpointing: bool = knob(False, "Recompute activations in backward to save memory.")
     optimizer: str = knob("adamw", "adamw: torch AdamW; adamw_8bit: bitsandbytes 8-bit AdamW (CUDA only).",
                           choices=("adamw", "adamw_8bit"))

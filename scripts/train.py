@@ -100,9 +100,14 @@ def _items(config, tokenizer, tasks, api_answers):
 
 
 def _build(config):
-    """The rollout engine and the learner, in this process."""
+    """The rollout engine and the learner, in this process (on the GPU when the config gives
+    the learner one and CUDA is there)."""
+    import torch
+
     from actors.learner import Learner
     from actors.rollout_hf import HFRolloutEngine
+
+    device = "cuda" if config.cluster.learner_gpus > 0 and torch.cuda.is_available() else "cpu"
 
     lora = dict(lora_rank=config.lora.rank, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
                 target_modules=config.lora.target_modules, init_adapter=config.lora.init_from)
@@ -117,9 +122,9 @@ def _build(config):
         clip_eps_low=algo.clip_eps_low, clip_eps_high=algo.clip_eps_high, kl_coef=algo.kl_coef,
         loss_aggregation=algo.loss_aggregation, tis_cap=algo.tis_cap, mask_truncated=algo.mask_truncated,
         temperature=config.rollout.temperature, seed=learner_cfg.seed,
-        constant_normaliser=config.rollout.max_new_tokens,
+        constant_normaliser=config.rollout.max_new_tokens, optimizer=learner_cfg.optimizer, device=device,
     )
-    engine = HFRolloutEngine(config.model.name_or_path, **lora, seed=config.rollout.seed)
+    engine = HFRolloutEngine(config.model.name_or_path, **lora, seed=config.rollout.seed, device=device)
     engine.update_adapter(learner.policy_version, learner.export_adapter())  # one starting point
     return engine, learner
 

@@ -100,7 +100,7 @@ def test_unknown_section(tmp_path):
     ("learner:\n  lr: 2\n", "learner.lr", "2", "a float in [0, 1]", 2),  # out of range
     ("algorithm:\n  clip_eps_low: 1.0\n", "algorithm.clip_eps_low", "1.0", "[0, 1)", 2),  # open bound
     ("rollout:\n  engine: vlm\n", "rollout.engine", "'vlm'", "one of: hf, vllm", 2),  # bad choice
-    ("learner:\n  zero_stage: 4\n", "learner.zero_stage", "4", "one of: 0, 1, 2, 3", 2),
+    ("learner:\n  zero_stage: 4\n", "learner.zero_stage", "4", "one of: 0, 1, 2", 2),
     ("data:\n  condition: E\n", "data.condition", "'E'", "one of: A, B, C, D", 2),
     ("model:\n  name_or_path: null\n", "model.name_or_path", "None", "a folder", 2),  # null not allowed
     ("logging:\n  name: a b\n", "logging.name", "'a b'", "matching", 2),  # pattern
