@@ -52,6 +52,8 @@ from verifiers.symbols import OPS, SEED_SYMBOLS, STANDARD_SYMBOLS, SymbolError, 
 
 ERROR_KINDS = ("echo_api", "echo_operand", "arithmetic", "no_answer")
 DECISIONS = ("kept_correct_api", "fixed_wrong_api", "broke_correct_api", "left_wrong")
+DECISION_LABELS = {"kept_correct_api": "kept a correct API answer", "fixed_wrong_api": "fixed a wrong one",
+                   "broke_correct_api": "broke a correct one", "left_wrong": "left a wrong one"}
 VERDICTS = ("CORRECT", "override", "none")
 BOUNDARY_COUNTS = ("exact", "strict_final_line", "trailing_text", "final_format", "missing")
 _CATEGORY_ORDER = ("custom", "standard", "gsm8k")
@@ -373,7 +375,7 @@ def format_table(summary: dict, title: str) -> str:
                 f"{n}: {v['correct']}/{v['total']} ({100 * v['accuracy']:.1f}%)" for n, v in counts.items()))
     if "decisions" in summary:
         d, v, e = summary["decisions"]["overall"], summary["verdicts"]["overall"], summary["errors"]["overall"]
-        lines.append("  decisions: " + ", ".join(f"{_label(k)} {n}" for k, n in d.items()))
+        lines.append("  decisions: " + ", ".join(f"{DECISION_LABELS[k]} {n}" for k, n in d.items()))
         lines.append("  verdicts:  " + ", ".join(f"{k} {x['n']} ({x['correct']} right)" for k, x in v.items()))
         lines.append(f"  errors ({e['wrong']} wrong): " + ", ".join(f"{_label(k)} {e[k]}" for k in ERROR_KINDS))
     if "boundary" in summary:

@@ -195,6 +195,10 @@ def run(config) -> dict:
     results["after"] = _evaluate(engine, test_items, config, run, "after")
     (run / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {run / 'results.json'}")
+    from rl.report import report_from_run
+
+    paths = report_from_run(run)
+    print(f"report: {paths['report']}")
     return results
 
 
