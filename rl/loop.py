@@ -17,12 +17,11 @@ satisfy them. Variants (async, off-policy) wrap the phases, they do not live in 
 
 from __future__ import annotations
 
-import itertools
 import random
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 import torch
 
@@ -77,13 +76,34 @@ class StepTimer:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
 
-def cycle_items(items: Sequence[TrainItem], seed: int) -> Iterator[TrainItem]:
-    """Endless epochs over ``items``, reshuffled each epoch with a seeded RNG."""
-    rng = random.Random(seed)
-    for _ in itertools.count():
-        order = list(items)
-        rng.shuffle(order)
-        yield from order
+class ItemStream:
+    """Endless epochs over ``items``, each reshuffled by a seeded RNG; ``position`` counts the
+    items handed out, and a stream started at a position continues exactly where one that
+    handed out that many items would (what a checkpoint needs to resume the data order)."""
+
+    def __init__(self, items: Sequence[TrainItem], seed: int, position: int = 0):
+        if not items:
+            raise ValueError("no training items")
+        self.items, self.seed, self.position = list(items), seed, 0
+        self._order: list[int] = []
+        self._epoch = -1
+        for _ in range(position):
+            next(self)
+
+    def _epoch_order(self, epoch: int) -> list[int]:
+        order = list(range(len(self.items)))
+        random.Random(f"{self.seed}:{epoch}").shuffle(order)
+        return order
+
+    def __iter__(self) -> "ItemStream":
+        return self
+
+    def __next__(self) -> TrainItem:
+        epoch, offset = divmod(self.position, len(self.items))
+        if epoch != self._epoch:
+            self._order, self._epoch = self._epoch_order(epoch), epoch
+        self.position += 1
+        return self.items[self._order[offset]]
 
 
 def _score_groups(items, completions, score: Scorer, group_size: int):
@@ -193,15 +213,20 @@ def train_step(step, stream, engine: RolloutEngine, learner: Learner, score: Sco
 
 
 def train(items: Sequence[TrainItem], engine, learner, score: Scorer, settings: LoopSettings,
-          sink: MetricsSink, on_step_end: Callable[[int, dict], None] | None = None,
-          start_step: int = 0) -> list[dict]:
-    """Run ``settings.steps`` steps from ``start_step``; every step's metrics go to ``sink``."""
-    stream = cycle_items(items, settings.seed + start_step)
+          sink: MetricsSink, on_step_end: Callable[[int, dict, ItemStream], None] | None = None,
+          start_step: int = 0, data_position: int = 0) -> list[dict]:
+    """Run steps ``start_step .. settings.steps - 1``; every step's metrics go to ``sink``.
+
+    ``data_position`` is where the item stream resumes (a checkpoint's ``stream.position``);
+    ``on_step_end(step, metrics, stream)`` is where the caller checkpoints and evaluates.
+    """
+    stream = ItemStream(items, settings.seed, data_position)
     history = []
     for step in range(start_step, settings.steps):
         metrics = train_step(step, stream, engine, learner, score, settings)
+        metrics["data/position"] = stream.position
         sink.log(step, metrics)
         history.append(metrics)
         if on_step_end is not None:
-            on_step_end(step, metrics)
+            on_step_end(step, metrics, stream)
     return history

@@ -181,7 +181,7 @@ def run(config) -> dict:
         seed=config.data.seed)
     sink = FanOut(ConsoleSink(), JsonlSink(run / "metrics.jsonl") if config.logging.tracker == "jsonl" else NullSink())
 
-    def checkpoint(step: int, metrics: dict) -> None:
+    def checkpoint(step: int, metrics: dict, stream) -> None:
         every = config.checkpoint.every_steps
         if (every and (step + 1) % every == 0) or step + 1 == algo.steps:
             learner.save_adapter(run / "checkpoints" / f"step_{step + 1:06d}")

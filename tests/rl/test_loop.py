@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from rl.loop import LoopSettings, TrainItem, cycle_items, train
+from rl.loop import ItemStream, LoopSettings, TrainItem, train
 from rl.records import Completion, Prompt, SamplingParams
 from verifiers.rewards import Example, get_reward
 
@@ -111,8 +111,11 @@ def test_refill_bound_then_no_learning_step():
     assert metrics["groups/zero_variance_dropped"] == 4
 
 
-def test_cycle_items_reshuffles_every_epoch():
+def test_item_stream_reshuffles_every_epoch_and_resumes_at_a_position():
     items = list(range(5))
-    stream = cycle_items(items, seed=0)
+    stream = ItemStream(items, seed=0)
     epochs = [[next(stream) for _ in items] for _ in range(3)]
     assert all(sorted(e) == items for e in epochs) and epochs[0] != epochs[1]
+    assert stream.position == 15
+    resumed = ItemStream(items, seed=0, position=7)
+    assert [next(resumed) for _ in range(8)] == sum(epochs, [])[7:15]
