@@ -42,7 +42,7 @@ __all__ = ["RoleRequest", "PlacementRequest", "NodeResources", "ActorPlacement",
 
 ROLES = ("learner", "rollout", "verifier")
 STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
-VERIFIER_CPUS = 1.0  # the config has no per-verifier CPU knob; a verifier is one CPU process
+VERIFIER_CPUS = 1.0  # make_request's default; the config's cluster.cpus_per_verifier overrides it
 # vLLM's gpu_memory_utilization caps the share of the card's *total* memory its instance takes.
 # Ray's GPU fractions are only bookkeeping: the learner on the same card allocates freely, and
 # each process also needs its own CUDA context and NCCL/IPC buffers. So a fractional engine
@@ -132,7 +132,8 @@ def request_from_config(cluster, rollout) -> PlacementRequest:
                         num_engines=rollout.num_engines,
                         rollout_gpus_per_engine=cluster.rollout_gpus_per_engine,
                         num_verifiers=cluster.num_verifiers, cpus_per_learner=cluster.cpus_per_learner,
-                        cpus_per_engine=cluster.cpus_per_engine, strategy=cluster.placement_strategy)
+                        cpus_per_engine=cluster.cpus_per_engine, cpus_per_verifier=cluster.cpus_per_verifier,
+                        strategy=cluster.placement_strategy)
 
 
 # --------------------------------------------------------------------------- the plan

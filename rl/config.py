@@ -211,7 +211,11 @@ class UpstreamConfig:
 class ClusterConfig:
     """Ray resources and wiring: who gets which (fractional) GPUs, and how weights move."""
 
-    address: Optional[str] = knob(None, "Ray address to join; null: start a local cluster.", allowed="a Ray address")
+    mode: str = knob("ray", "ray: every role in its own Ray actor (joins the job's cluster or starts a "
+                     "local one); in_process: everything in this process, no Ray (debugging, tests).",
+                     choices=("ray", "in_process"))
+    address: Optional[str] = knob(None, "Ray address to join; null: the job's cluster ($RAY_ADDRESS) "
+                                  "or a new local one.", allowed="a Ray address")
     num_learners: int = knob(1, "Data-parallel learner ranks.", ge=1, le=4096)
     learner_gpus: float = knob(0.0, "GPUs per learner; a fraction shares a card, 0 runs on CPU.", ge=0, le=64)
     rollout_gpus_per_engine: float = knob(0.0, "GPUs per rollout engine; a fraction shares a card, 0 is CPU.",
@@ -219,6 +223,8 @@ class ClusterConfig:
     num_verifiers: int = knob(2, "Verifier actors scoring completions.", ge=1, le=4096)
     cpus_per_learner: float = knob(1.0, "CPUs reserved per learner.", ge=0, le=1024)
     cpus_per_engine: float = knob(1.0, "CPUs reserved per rollout engine.", ge=0, le=1024)
+    cpus_per_verifier: float = knob(0.0, "CPUs reserved per verifier; 0: the binary reward is light "
+                                    "(microseconds), reserve some for heavy SymPy rewards.", ge=0, le=1024)
     placement_strategy: str = knob("PACK", "Ray placement-group strategy.",
                                    choices=("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"))
     weight_sync: str = knob("auto", "LoRA transport: ipc (same card), nccl (other GPUs), gloo or "

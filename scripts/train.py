@@ -25,7 +25,12 @@ import asyncio
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
+
+# Run as a file (also by `ray job submit --working-dir .`): import this checkout's packages.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,18 +64,21 @@ def _symbol_tasks(config, run: Path):
     return train_tasks, test_tasks
 
 
-def _upstream_answers(config, run: Path, tasks) -> list:
-    """Every task's upstream answer, through the on-disk cache."""
-    from actors.upstream import AnswerCache, RetryPolicy, UpstreamClient, UpstreamRequest, build_provider
+def _requests(config, tasks) -> list:
+    from actors.upstream import UpstreamRequest
 
     up = config.upstream
-    provider = build_provider(up.provider, None if up.model == "embedded" and up.provider != "local" else up.model,
-                              base_url=up.base_url, project=up.project, region=up.region,
-                              timeout=up.timeout_s, retry=RetryPolicy(max_attempts=up.max_retries + 1))
-    cache = AnswerCache(up.cache_path or run / "upstream_cache.sqlite")
-    client = UpstreamClient(provider, cache, concurrency=up.max_concurrency)
-    requests = [UpstreamRequest.symbol(t.prompt, max_tokens=up.max_tokens, temperature=up.temperature)
-                for t in tasks]
+    return [UpstreamRequest.symbol(t.prompt, max_tokens=up.max_tokens, temperature=up.temperature) for t in tasks]
+
+
+def _answer_in_process(config, run: Path, requests) -> list:
+    """Every request's upstream answer through the run's on-disk cache, in this process."""
+    from actors.upstream import AnswerCache, UpstreamClient, build_provider
+    from cluster.build import provider_kwargs
+
+    cache = AnswerCache(config.upstream.cache_path or run / "upstream_cache.sqlite")
+    client = UpstreamClient(build_provider(**provider_kwargs(config)), cache,
+                            concurrency=config.upstream.max_concurrency)
 
     async def answer_all():
         try:
@@ -79,12 +87,9 @@ def _upstream_answers(config, run: Path, tasks) -> list:
             await client.aclose()
 
     try:
-        answers = asyncio.run(answer_all())
+        return asyncio.run(answer_all())
     finally:
         cache.close()
-    print(f"upstream: {len(answers)} answers ({client.tally.cache_hits} from the cache), "
-          f"{sum(a.answer is None for a in answers)} without a number")
-    return [a.answer for a in answers]
 
 
 def _items(config, tokenizer, tasks, api_answers):
@@ -99,34 +104,40 @@ def _items(config, tokenizer, tasks, api_answers):
             for task, api in zip(tasks, api_answers)]
 
 
-def _build(config):
-    """The rollout engine and the learner, in this process (on the GPU when the config gives
-    the learner one and CUDA is there)."""
-    import torch
+@dataclass
+class Parts:
+    """The loop's engine, learner and scorer, how upstream answers are fetched, and teardown."""
 
+    engine: Any
+    learner: Any
+    score: Callable
+    answer_all: Callable
+    close: Callable[[], None]
+
+
+def _in_process(config, run: Path) -> Parts:
     from actors.learner import Learner
     from actors.rollout_hf import HFRolloutEngine
+    from cluster.build import device_for, engine_kwargs, learner_kwargs
+    from verifiers.rewards import get_reward
 
-    device = "cuda" if config.cluster.learner_gpus > 0 and torch.cuda.is_available() else "cpu"
-
-    lora = dict(lora_rank=config.lora.rank, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
-                target_modules=config.lora.target_modules, init_adapter=config.lora.init_from)
-    learner_cfg, algo = config.learner, config.algorithm
-    learner = Learner(
-        config.model.name_or_path, **lora, use_rslora=config.lora.use_rslora, lr=learner_cfg.lr,
-        weight_decay=learner_cfg.weight_decay, betas=(learner_cfg.adam_beta1, learner_cfg.adam_beta2),
-        eps=learner_cfg.adam_eps, warmup_steps=round(learner_cfg.warmup_fraction * algo.steps),
-        total_steps=algo.steps, lr_schedule=learner_cfg.lr_schedule, max_grad_norm=learner_cfg.max_grad_norm,
-        zero_stage=learner_cfg.zero_stage, micro_batch_tokens=learner_cfg.micro_batch_tokens,
-        precision=learner_cfg.precision, gradient_checkpointing=learner_cfg.gradient_checkpointing,
-        clip_eps_low=algo.clip_eps_low, clip_eps_high=algo.clip_eps_high, kl_coef=algo.kl_coef,
-        loss_aggregation=algo.loss_aggregation, tis_cap=algo.tis_cap, mask_truncated=algo.mask_truncated,
-        temperature=config.rollout.temperature, seed=learner_cfg.seed,
-        constant_normaliser=config.rollout.max_new_tokens, optimizer=learner_cfg.optimizer, device=device,
-    )
-    engine = HFRolloutEngine(config.model.name_or_path, **lora, seed=config.rollout.seed, device=device)
+    learner = Learner(**learner_kwargs(config, device_for(config.cluster.learner_gpus)))
+    engine = HFRolloutEngine(**engine_kwargs(config, device_for(config.cluster.rollout_gpus_per_engine)))
     engine.update_adapter(learner.policy_version, learner.export_adapter())  # one starting point
-    return engine, learner
+    reward = get_reward("binary")
+    return Parts(engine, learner, lambda pairs: [reward(t, e) for t, e in pairs],
+                 lambda requests: _answer_in_process(config, run, requests), lambda: None)
+
+
+def _on_ray(config, run: Path) -> Parts:
+    import ray
+
+    from cluster.build import build_ray, connect
+
+    connect(config.cluster.address)
+    parts = build_ray(config, run)
+    return Parts(parts.engine, parts.learner, parts.score,
+                 lambda requests: ray.get(parts.upstream.answer_all.remote(requests)), parts.shutdown)
 
 
 def _sampling(config, evaluation: bool):
@@ -155,24 +166,36 @@ def run(config) -> dict:
     import torch
 
     from rl.config import dump_config, run_dir
-    from rl.loop import LoopSettings, train
-    from rl.metrics import ConsoleSink, FanOut, JsonlSink, NullSink
-    from verifiers.rewards import get_reward
 
     torch.manual_seed(config.learner.seed)
     run = run_dir(config)
     run.mkdir(parents=True, exist_ok=True)
     dump_config(config, run / "config.yaml")
     train_tasks, test_tasks = _symbol_tasks(config, run)
-    api_answers = _upstream_answers(config, run, train_tasks + test_tasks)
-    engine, learner = _build(config)
-    train_items = _items(config, engine.tokenizer, train_tasks, api_answers[: len(train_tasks)])
-    test_items = _items(config, engine.tokenizer, test_tasks, api_answers[len(train_tasks):])
+    parts = (_on_ray if config.cluster.mode == "ray" else _in_process)(config, run)
+    try:
+        return _train_and_evaluate(config, run, parts, train_tasks, test_tasks)
+    finally:
+        parts.close()
+
+
+def _train_and_evaluate(config, run: Path, parts: Parts, train_tasks, test_tasks) -> dict:
+    from actors.models import load_tokenizer
+    from rl.loop import LoopSettings, train
+    from rl.metrics import ConsoleSink, FanOut, JsonlSink, NullSink
+
+    answers = parts.answer_all(_requests(config, train_tasks + test_tasks))
+    print(f"upstream: {len(answers)} answers ({sum(a.cached for a in answers)} from the cache), "
+          f"{sum(a.answer is None for a in answers)} without a number")
+    api_answers = [a.answer for a in answers]
+    tokenizer = load_tokenizer(config.model.name_or_path)
+    train_items = _items(config, tokenizer, train_tasks, api_answers[: len(train_tasks)])
+    test_items = _items(config, tokenizer, test_tasks, api_answers[len(train_tasks):])
+    engine, learner = parts.engine, parts.learner
     results = {"run_dir": str(run)}
     if config.eval.at_start:
         results["before"] = _evaluate(engine, test_items, config, run, "before")
 
-    reward = get_reward("binary")
     algo = config.algorithm
     settings = LoopSettings(
         steps=algo.steps, prompts_per_step=algo.prompts_per_step, group_size=config.rollout.group_size,
@@ -187,8 +210,7 @@ def run(config) -> dict:
             learner.save_adapter(run / "checkpoints" / f"step_{step + 1:06d}")
 
     start = time.perf_counter()
-    history = train(train_items, engine, learner, lambda pairs: [reward(t, e) for t, e in pairs],
-                    settings, sink, on_step_end=checkpoint)
+    history = train(train_items, engine, learner, parts.score, settings, sink, on_step_end=checkpoint)
     results["train_seconds"] = time.perf_counter() - start
     results["steps"] = len(history)
     results["reward_curve"] = [round(m["reward/mean"], 4) for m in history]

@@ -130,10 +130,10 @@ def test_request_from_config():
     from rl.config import load_config
 
     c = load_config(None, ["cluster.learner_gpus=0.5", "cluster.rollout_gpus_per_engine=0.5",
-                           "rollout.engine=vllm", "cluster.num_verifiers=3"])
+                           "rollout.engine=vllm", "cluster.num_verifiers=3", "cluster.cpus_per_verifier=0.5"])
     r = request_from_config(c.cluster, c.rollout)
     assert [(x.role, x.count, x.gpus, x.cpus) for x in r.roles] == [
-        ("learner", 1, 0.5, 1.0), ("rollout", 1, 0.5, 1.0), ("verifier", 3, 0.0, 1.0)]
+        ("learner", 1, 0.5, 1.0), ("rollout", 1, 0.5, 1.0), ("verifier", 3, 0.0, 0.5)]
     assert plan(r, [node("n1", 5, 1)]).transport(0) == "ipc"
 
 

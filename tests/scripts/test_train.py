@@ -11,7 +11,7 @@ from scripts import train
 @pytest.mark.slow
 def test_smoke_config_trains_checkpoints_and_reports(tmp_path, capsys):
     run = tmp_path / "run"
-    argv = ["--config", "configs/smoke.yaml", "--set", f"logging.run_dir={run}"]
+    argv = ["--config", "configs/smoke.yaml", "--set", f"logging.run_dir={run}", "--set", "cluster.mode=in_process"]
     assert train.main(argv) == 0
     results = json.loads((run / "results.json").read_text())
     assert results["steps"] == 2 and len(results["reward_curve"]) == 2

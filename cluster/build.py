@@ -1,0 +1,111 @@
+"""Building a run from its config: flat arguments for each role, and the Ray wiring.
+
+``engine_kwargs`` / ``learner_kwargs`` / ``provider_kwargs`` turn the config tree into the
+flat arguments of the plain classes (the classes never see the config). ``build_ray`` plans
+placement against the cluster (an impossible request fails here, before any actor starts),
+creates the placement group and the actor groups, and returns the loop's three interfaces.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+def device_for(gpus: float) -> str:
+    import torch
+
+    return "cuda" if gpus > 0 and torch.cuda.is_available() else "cpu"
+
+
+def _lora(config) -> dict:
+    lora = config.lora
+    return dict(lora_rank=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                target_modules=tuple(lora.target_modules), init_adapter=lora.init_from)
+
+
+def engine_kwargs(config, device: str = "cpu") -> dict:
+    return dict(model_path=config.model.name_or_path, **_lora(config), seed=config.rollout.seed, device=device)
+
+
+def learner_kwargs(config, device: str = "cpu") -> dict:
+    learner, algo = config.learner, config.algorithm
+    return dict(
+        model_path=config.model.name_or_path, **_lora(config), use_rslora=config.lora.use_rslora,
+        lr=learner.lr, weight_decay=learner.weight_decay, betas=(learner.adam_beta1, learner.adam_beta2),
+        eps=learner.adam_eps, warmup_steps=round(learner.warmup_fraction * algo.steps), total_steps=algo.steps,
+        lr_schedule=learner.lr_schedule, max_grad_norm=learner.max_grad_norm, zero_stage=learner.zero_stage,
+        micro_batch_tokens=learner.micro_batch_tokens, precision=learner.precision,
+        gradient_checkpointing=learner.gradient_checkpointing, clip_eps_low=algo.clip_eps_low,
+        clip_eps_high=algo.clip_eps_high, kl_coef=algo.kl_coef, loss_aggregation=algo.loss_aggregation,
+        constant_normaliser=config.rollout.max_new_tokens, tis_cap=algo.tis_cap,
+        mask_truncated=algo.mask_truncated, temperature=config.rollout.temperature,
+        optimizer=learner.optimizer, seed=learner.seed, device=device,
+    )
+
+
+def provider_kwargs(config) -> dict:
+    """Arguments of :func:`actors.upstream.build_provider` (``model=None``: the kind's default)."""
+    from actors.upstream import RetryPolicy
+
+    up = config.upstream
+    model = None if up.model == "embedded" and up.provider != "local" else up.model
+    return dict(kind=up.provider, model=model, base_url=up.base_url, project=up.project, region=up.region,
+                timeout=up.timeout_s, retry=RetryPolicy(max_attempts=up.max_retries + 1))
+
+
+@dataclass
+class RayRun:
+    """The loop's interfaces backed by actors, plus what a run needs to keep and release."""
+
+    engine: Any
+    learner: Any
+    score: Any
+    upstream: Any
+    plan: Any
+    placement_group: Any
+
+    def shutdown(self) -> None:
+        import ray
+        from ray.util import remove_placement_group
+
+        ray.get(self.upstream.close.remote())
+        remove_placement_group(self.placement_group)
+
+
+def connect(address: str | None) -> None:
+    """Join ``address`` (or the job's cluster, ``$RAY_ADDRESS``), else start a local cluster.
+
+    The dashboard binds to 127.0.0.1 (Ray's default), and nothing secret goes into a
+    ``runtime_env``: API keys stay in the environment of the process that reads them.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address, log_to_driver=True, configure_logging=False)
+
+
+def build_ray(config, run: Path) -> RayRun:
+    from cluster import groups
+    from cluster.hosts import EngineHost, LearnerHost, UpstreamHost, VerifierHost
+    from cluster.placement import cluster_nodes, create_placement_group, plan, request_from_config
+
+    cl = config.cluster
+    the_plan = plan(request_from_config(cl, config.rollout), cluster_nodes())
+    print("placement:\n" + the_plan.describe())
+    pg = create_placement_group(the_plan, name=f"api-adapter-{config.logging.name}")
+    learners = groups.make_group(LearnerHost, cl.num_learners, lambda i: groups.learner_options(the_plan, pg, i),
+                                 learner_kwargs(config, device_for(cl.learner_gpus)), cl.cpus_per_learner)
+    engines = groups.make_group(EngineHost, config.rollout.num_engines,
+                                lambda i: groups.engine_options(the_plan, pg, i),
+                                engine_kwargs(config, device_for(cl.rollout_gpus_per_engine)), cl.cpus_per_engine)
+    verifiers = groups.make_group(VerifierHost, cl.num_verifiers, lambda i: groups.verifier_options(the_plan, pg, i),
+                                  "binary")
+    upstream = groups.make_group(UpstreamHost, 1, lambda i: {"num_cpus": 0}, provider_kwargs(config),
+                                 str(config.upstream.cache_path or run / "upstream_cache.sqlite"),
+                                 config.upstream.max_concurrency)[0]
+    learner = groups.LearnerGroup(learners)
+    engine = groups.EngineGroup(engines, groups.object_store_push)
+    engine.update_adapter(learner.policy_version, learner.export_adapter())  # one starting point
+    return RayRun(engine, learner, groups.VerifierPool(verifiers), upstream, the_plan, pg)

@@ -1,0 +1,132 @@
+"""Actor groups on Ray, and the driver-side handles that give them the loop's interfaces.
+
+The loop in ``rl/loop.py`` talks to one rollout engine, one learner and one scorer.
+:class:`EngineGroup`, :class:`LearnerGroup` and :class:`VerifierPool` are those three, backed by
+groups of actors: they fan a call out to every actor and gather the results once, and they
+slice the data before it is put in the object store (each engine receives only its prompts).
+
+Faults: verifier actors restart when they die and their tasks are retried (``max_restarts``,
+``max_task_retries``), so a crashed verifier costs a retry, not the run. Rollout engines
+restart too (they reload the base model and get the current adapter before the next
+generation); a generate call that was running on an engine that died is retried once. A dead
+learner ends the run (its optimizer state lives only there): resume from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Sequence
+
+import ray
+
+
+
+def make_group(cls, count: int, options: Callable[[int], dict], *args, **kwargs) -> list:
+    """``count`` actors of ``cls``, the i-th created with ``options(i)``."""
+    remote_cls = ray.remote(cls)
+    return [remote_cls.options(**options(i)).remote(*args, **kwargs) for i in range(count)]
+
+
+def _shards(n_items: int, n_shards: int) -> list[range]:
+    """Contiguous, near-equal slices of ``range(n_items)``."""
+    size, extra = divmod(n_items, n_shards)
+    bounds, start = [], 0
+    for shard in range(n_shards):
+        stop = start + size + (shard < extra)
+        bounds.append(range(start, stop))
+        start = stop
+    return bounds
+
+
+class EngineGroup:
+    """Rollout engines as one :class:`rl.interfaces.RolloutEngine`."""
+
+    def __init__(self, actors: Sequence, push: Callable[[Sequence, int, dict], None]):
+        self.actors = list(actors)
+        self._push = push  # the weight-sync transport: push(actors, version, tensors)
+        self.policy_version = ray.get(self.actors[0].policy_version.remote())
+        self._latest: dict | None = None
+
+    def _resync_restarted(self) -> None:
+        """An engine that restarted came back with the initial adapter: give it the latest."""
+        versions = ray.get([actor.policy_version.remote() for actor in self.actors])
+        stale = [a for a, v in zip(self.actors, versions) if v != self.policy_version]
+        if stale and self._latest is not None:
+            self._push(stale, self.policy_version, self._latest)
+
+    def generate(self, prompts, n, sampling):
+        self._resync_restarted()
+        shards = [s for s in _shards(len(prompts), len(self.actors)) if len(s)]
+        refs = [actor.generate.remote([prompts[i] for i in shard], n, sampling)
+                for actor, shard in zip(self.actors, shards)]
+        completions = []
+        for shard, part in zip(shards, ray.get(refs)):
+            completions += [dataclasses.replace(c, prompt_index=shard.start + c.prompt_index) for c in part]
+        return completions
+
+    def update_adapter(self, version: int, tensors: dict) -> None:
+        self._push(self.actors, version, tensors)
+        self.policy_version, self._latest = version, tensors
+
+    def adapter_states(self) -> list[dict]:
+        return ray.get([actor.adapter_state.remote() for actor in self.actors])
+
+
+class LearnerGroup:
+    """The learner actor as one :class:`rl.interfaces.Learner` (one rank for now)."""
+
+    def __init__(self, actors: Sequence):
+        if len(actors) != 1:
+            raise ValueError("data-parallel learners on Ray are not supported yet: use num_learners=1")
+        self.actor = actors[0]
+        self.policy_version = ray.get(self.actor.policy_version.remote())
+
+    def train_step(self, groups):
+        stats, self.policy_version = ray.get(self.actor.train_step.remote(groups))
+        return stats
+
+    def export_adapter(self) -> dict:
+        version, tensors = ray.get(self.actor.export_adapter.remote())
+        assert version == self.policy_version
+        return tensors
+
+    def save_adapter(self, path) -> str:
+        return ray.get(self.actor.save_adapter.remote(str(path)))
+
+
+class VerifierPool:
+    """Scores (text, example) pairs on CPU verifier actors, chunked round the pool."""
+
+    def __init__(self, actors: Sequence):
+        self.actors = list(actors)
+
+    def __call__(self, pairs: Sequence) -> list:
+        shards = [s for s in _shards(len(pairs), len(self.actors)) if len(s)]
+        refs = [actor.score.remote([pairs[i] for i in shard]) for actor, shard in zip(self.actors, shards)]
+        return [result for part in ray.get(refs) for result in part]
+
+
+def object_store_push(actors: Sequence, version: int, tensors: dict) -> None:
+    """The fallback transport: one ``ray.put`` of the tensors, read by every engine."""
+    ref = ray.put(tensors)
+    versions = ray.get([actor.update_adapter.remote(version, ref) for actor in actors])
+    assert all(v == version for v in versions), f"engines report versions {versions}, pushed {version}"
+
+
+def engine_options(plan, pg, index: int) -> dict:
+    from cluster.placement import scheduling_for
+
+    return {**scheduling_for(plan, pg, "rollout", index), "max_restarts": 2, "max_task_retries": 1}
+
+
+def learner_options(plan, pg, index: int) -> dict:
+    from cluster.placement import scheduling_for
+
+    return {**scheduling_for(plan, pg, "learner", index), "max_restarts": 0}
+
+
+def verifier_options(plan, pg, index: int) -> dict:
+    from cluster.placement import scheduling_for
+
+    return {**scheduling_for(plan, pg, "verifier", index), "max_restarts": -1, "max_task_retries": 3}
+

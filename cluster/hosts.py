@@ -1,0 +1,100 @@
+"""What runs inside each actor: thin hosts around the plain classes of ``actors/``.
+
+A host builds its object inside the actor process (so model weights are loaded where they are
+used, never pickled through the driver), sets the process's torch thread count from the CPUs
+the actor reserved (two OpenMP pools on two cores run far slower than one), and turns
+attributes into methods, which is all Ray can call. ``ray.remote`` is applied where a group is
+built (:mod:`cluster.groups`); every host also works as a plain object in-process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Sequence
+
+
+def _set_threads(cpus: float) -> None:
+    import torch
+
+    threads = max(1, int(cpus))
+    torch.set_num_threads(threads)
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+
+
+class EngineHost:
+    """A rollout engine (HF here; vLLM on GPUs) in its own actor."""
+
+    def __init__(self, engine_kwargs: dict, cpus: float = 1.0):
+        from actors.rollout_hf import HFRolloutEngine
+
+        _set_threads(cpus)
+        self.engine = HFRolloutEngine(**engine_kwargs)
+
+    def generate(self, prompts, n, sampling):
+        return self.engine.generate(prompts, n, sampling)
+
+    def update_adapter(self, version: int, tensors: dict) -> int:
+        self.engine.update_adapter(version, tensors)
+        return self.engine.policy_version
+
+    def adapter_state(self) -> dict:
+        return {name: t.clone() for name, t in self.engine.adapter_state().items()}
+
+    def policy_version(self) -> int:
+        return self.engine.policy_version
+
+
+class LearnerHost:
+    """The DeepSpeed + PEFT learner in its own actor."""
+
+    def __init__(self, learner_kwargs: dict, cpus: float = 1.0):
+        from actors.learner import Learner
+
+        _set_threads(cpus)
+        self.learner = Learner(**learner_kwargs)
+
+    def train_step(self, groups):
+        stats = self.learner.train_step(groups)
+        return stats, self.learner.policy_version
+
+    def export_adapter(self) -> tuple[int, dict]:
+        return self.learner.policy_version, self.learner.export_adapter()
+
+    def save_adapter(self, path: str) -> str:
+        return str(self.learner.save_adapter(path))
+
+    def policy_version(self) -> int:
+        return self.learner.policy_version
+
+
+class VerifierHost:
+    """Scores completions with a reward from the registry (CPU only, no torch)."""
+
+    def __init__(self, reward: str):
+        from verifiers.rewards import get_reward
+
+        self.reward = get_reward(reward)
+
+    def score(self, pairs: Sequence) -> list:
+        return [self.reward(text, example) for text, example in pairs]
+
+
+class UpstreamHost:
+    """The one owner of the answer cache: every upstream call of a run goes through here."""
+
+    def __init__(self, provider_kwargs: dict, cache_path: str, concurrency: int):
+        from actors.upstream import AnswerCache, UpstreamClient, build_provider
+
+        self.cache = AnswerCache(cache_path)
+        self.client = UpstreamClient(build_provider(**provider_kwargs), self.cache, concurrency=concurrency)
+
+    async def answer_all(self, requests) -> list:
+        return await self.client.answer_all(requests)
+
+    def tally(self) -> dict:
+        return dict(vars(self.client.tally))
+
+    async def close(self) -> None:
+        await self.client.aclose()
+        await asyncio.to_thread(self.cache.close)
