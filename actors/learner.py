@@ -395,3 +395,87 @@ class Learner:
                              f"{list(result.unexpected_keys)[:3]}")
         for p in self.params:  # ZeRO 1/2 keep their own float32 copy of each trained tensor
             safe_set_full_fp32_param(p, p.data.float())
+
+    # ---------------------------------------------------------------- training state (resume)
+    def state_dict(self) -> dict:
+        """This rank's training state beyond the adapter weights: optimizer (DeepSpeed's ZeRO
+        state at stage 1/2, AdamW's at 0), LR-scheduler position, DeepSpeed's step counters,
+        policy_version, skipped_total and the torch RNG. With the adapter, what an exact resume
+        needs (see :meth:`save_state`). The optimizer tensors are live: save before stepping."""
+        engine, opt = self.engine, self.engine.lr_scheduler.optimizer
+        cuda = self.device.type == "cuda"
+        return {
+            "format": 1, "zero_stage": self.zero_stage, "world_size": _world_size(),
+            "hyper": _hyper(engine.lr_scheduler.base_lrs, opt.param_groups),
+            "optimizer": engine.optimizer.state_dict(),
+            "lr_scheduler": engine.lr_scheduler.state_dict(),
+            "engine_counters": {k: getattr(engine, k) for k in _ENGINE_COUNTERS},
+            "policy_version": self.policy_version, "skipped_total": self.skipped_total,
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(self.device) if cuda else None,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`'s output into a learner built with the same settings (the
+        adapter weights come separately: :meth:`load_adapter`, before this). A different ZeRO
+        stage, world size or optimizer hyperparameter is an error, not silently overwritten."""
+        current = {"zero_stage": self.zero_stage, "world_size": _world_size(),
+                   "hyper": _hyper(self.engine.lr_scheduler.base_lrs,
+                                   self.engine.lr_scheduler.optimizer.param_groups)}
+        diff = {k: (state.get(k), v) for k, v in current.items() if state.get(k) != v}
+        if diff:
+            raise ValueError("learner state does not match this learner (saved, configured): "
+                             + ", ".join(f"{k}: {a} vs {b}" for k, (a, b) in diff.items()))
+        if self.zero_stage == 0:
+            self.engine.optimizer.load_state_dict(state["optimizer"])
+        else:  # the saved float32 partitions, not a copy of the module's weights
+            self.engine.optimizer.load_state_dict([state["optimizer"]], load_optimizer_states=True,
+                                                  load_from_fp32_weights=True)
+        self.engine.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        for key, value in state["engine_counters"].items():
+            setattr(self.engine, key, value)
+        self.policy_version, self.skipped_total = state["policy_version"], state["skipped_total"]
+        torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"] is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
+
+    def save_state(self, folder: str | Path) -> Path:
+        """Write ``folder/adapter/`` (PEFT format, rank 0) and this rank's
+        ``folder/learner_state.pt`` (``learner_state.rank<r>.pt`` when there are several)."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        if _rank() == 0:
+            self.save_adapter(folder / ADAPTER_DIR)
+        torch.save(self.state_dict(), folder / _state_file())
+        return folder
+
+    def load_state(self, folder: str | Path) -> None:
+        """Load what :meth:`save_state` wrote: the adapter, then the optimizer and counters."""
+        folder = Path(folder)
+        self.load_adapter(folder / ADAPTER_DIR)
+        # Our own file, and it holds DeepSpeed objects (the ZeRO loss scaler): not weights_only.
+        # CPU: RNG states must stay CPU tensors; load_state_dict moves the rest to the params.
+        self.load_state_dict(torch.load(folder / _state_file(), map_location="cpu",
+                                        weights_only=False))
+
+
+ADAPTER_DIR = "adapter"
+_ENGINE_COUNTERS = ("global_steps", "global_samples", "micro_steps", "skipped_steps")
+
+
+def _hyper(base_lrs, groups) -> dict:
+    return {"base_lrs": [float(x) for x in base_lrs],
+            **{k: [list(g[k]) if isinstance(g[k], tuple) else g[k] for g in groups]
+               for k in ("betas", "eps", "weight_decay")}}
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def _world_size() -> int:
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
+def _state_file() -> str:
+    return "learner_state.pt" if _world_size() == 1 else f"learner_state.rank{_rank()}.pt"
