@@ -93,6 +93,12 @@ class LearnerGroup:
     def save_adapter(self, path) -> str:
         return ray.get(self.actor.save_adapter.remote(str(path)))
 
+    def save_state(self, folder) -> None:
+        ray.get(self.actor.save_state.remote(str(folder)))
+
+    def load_state(self, folder) -> None:
+        self.policy_version = ray.get(self.actor.load_state.remote(str(folder)))
+
 
 class VerifierPool:
     """Scores (text, example) pairs on CPU verifier actors, chunked round the pool."""

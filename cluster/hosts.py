@@ -64,6 +64,13 @@ class LearnerHost:
     def save_adapter(self, path: str) -> str:
         return str(self.learner.save_adapter(path))
 
+    def save_state(self, folder: str) -> None:
+        self.learner.save_state(folder)
+
+    def load_state(self, folder: str) -> int:
+        self.learner.load_state(folder)
+        return self.learner.policy_version
+
     def policy_version(self) -> int:
         return self.learner.policy_version
 

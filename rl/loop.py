@@ -17,6 +17,7 @@ satisfy them. Variants (async, off-policy) wrap the phases, they do not live in 
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import time
 from contextlib import contextmanager
@@ -119,7 +120,16 @@ def _score_groups(items, completions, score: Scorer, group_size: int):
     return groups
 
 
-def _collect(stream, engine, score, settings, timer):
+def _sampling_for(sampling: SamplingParams, step: int, round_: int) -> SamplingParams:
+    """A fresh seed per step and refill round: a fixed seed would replay the same noise every
+    step (the same prompt under the same policy would give the same group). Derived, not
+    drawn, so a resumed run samples exactly what an uninterrupted one would."""
+    if sampling.seed is None:
+        return sampling
+    return dataclasses.replace(sampling, seed=(sampling.seed * 1_000_003 + step * 1_009 + round_) % 2**31)
+
+
+def _collect(step, stream, engine, score, settings, timer):
     """Sample and score groups until enough carry signal or the refill bound is reached.
 
     Returns every sampled group (for metrics), the groups to train on, and how many
@@ -131,7 +141,8 @@ def _collect(stream, engine, score, settings, timer):
     while True:
         items = [next(stream) for _ in range(wanted)]
         with timer.phase("rollout"):
-            completions = engine.generate([i.prompt for i in items], settings.group_size, settings.sampling)
+            sampling = _sampling_for(settings.sampling, step, rounds)
+            completions = engine.generate([i.prompt for i in items], settings.group_size, sampling)
         with timer.phase("verify"):
             groups = list(zip(items, _score_groups(items, completions, score, settings.group_size)))
         sampled += groups
@@ -188,7 +199,7 @@ def rollout_metrics(sampled) -> dict:
 def train_step(step, stream, engine: RolloutEngine, learner: Learner, score: Scorer, settings) -> dict:
     """One GRPO step; returns its metrics (including ``timing/*`` and one decoded sample)."""
     timer = StepTimer()
-    sampled, kept, dropped = _collect(stream, engine, score, settings, timer)
+    sampled, kept, dropped = _collect(step, stream, engine, score, settings, timer)
     metrics = rollout_metrics(sampled)
     metrics["groups/sampled"] = len(sampled)
     metrics["groups/zero_variance_dropped"] = dropped

@@ -182,6 +182,7 @@ def run(config) -> dict:
 def _train_and_evaluate(config, run: Path, parts: Parts, train_tasks, test_tasks) -> dict:
     from actors.models import load_tokenizer
     from rl.loop import LoopSettings, train
+    from rl.checkpoint import CheckpointManager, GracefulStop, TrainingStopped, is_due
     from rl.metrics import ConsoleSink, FanOut, JsonlSink, NullSink
 
     answers = parts.answer_all(_requests(config, train_tasks + test_tasks))
@@ -192,9 +193,13 @@ def _train_and_evaluate(config, run: Path, parts: Parts, train_tasks, test_tasks
     train_items = _items(config, tokenizer, train_tasks, api_answers[: len(train_tasks)])
     test_items = _items(config, tokenizer, test_tasks, api_answers[len(train_tasks):])
     engine, learner = parts.engine, parts.learner
-    results = {"run_dir": str(run)}
-    if config.eval.at_start:
-        results["before"] = _evaluate(engine, test_items, config, run, "before")
+    manager = CheckpointManager(run / "checkpoints", config.checkpoint.keep_last)
+    start_step, position = _resume(config, manager, engine, learner)
+    results = {"run_dir": str(run), "resumed_from_step": start_step}
+    if start_step == 0:
+        (run / "metrics.jsonl").unlink(missing_ok=True)
+        if config.eval.at_start:
+            results["before"] = _evaluate(engine, test_items, config, run, "before")
 
     algo = config.algorithm
     settings = LoopSettings(
@@ -203,16 +208,23 @@ def _train_and_evaluate(config, run: Path, parts: Parts, train_tasks, test_tasks
         filter_zero_variance=algo.filter_zero_variance, max_refill_rounds=algo.max_refill_rounds,
         seed=config.data.seed)
     sink = FanOut(ConsoleSink(), JsonlSink(run / "metrics.jsonl") if config.logging.tracker == "jsonl" else NullSink())
-
-    def checkpoint(step: int, metrics: dict, stream) -> None:
-        every = config.checkpoint.every_steps
-        if (every and (step + 1) % every == 0) or step + 1 == algo.steps:
-            learner.save_adapter(run / "checkpoints" / f"step_{step + 1:06d}")
-
     start = time.perf_counter()
-    history = train(train_items, engine, learner, parts.score, settings, sink, on_step_end=checkpoint)
+    with GracefulStop() as stop:  # entered after ray.init, which installs a SIGTERM handler of its own
+        def on_step_end(step: int, metrics: dict, stream) -> None:
+            due = is_due(step, config.checkpoint.every_steps, algo.steps)
+            folder = _save(manager, run, learner, step, stream) if due or stop.requested else None
+            if stop.requested:
+                raise TrainingStopped(step + 1, folder)
+
+        try:
+            history = train(train_items, engine, learner, parts.score, settings, sink,
+                            on_step_end=on_step_end, start_step=start_step, data_position=position)
+        except TrainingStopped as stopped:
+            print(f"stopped by signal after step {stopped.step}; checkpoint {stopped.checkpoint}; "
+                  f"continue with --set checkpoint.resume=true")
+            return {**results, "stopped_at_step": stopped.step}
     results["train_seconds"] = time.perf_counter() - start
-    results["steps"] = len(history)
+    results["steps"] = start_step + len(history)
     results["reward_curve"] = [round(m["reward/mean"], 4) for m in history]
     results["after"] = _evaluate(engine, test_items, config, run, "after")
     (run / "results.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -222,6 +234,35 @@ def _train_and_evaluate(config, run: Path, parts: Parts, train_tasks, test_tasks
     paths = report_from_run(run)
     print(f"report: {paths['report']}")
     return results
+
+
+def _resume(config, manager, engine, learner) -> tuple[int, int]:
+    """Load the checkpoint ``checkpoint.resume`` names (if any); ``(start_step, data_position)``."""
+    from rl.checkpoint import read_meta, restore_rng
+
+    folder = manager.resolve(config.checkpoint.resume)
+    if folder is None:
+        return 0, 0
+    meta = read_meta(folder)
+    learner.load_state(folder)
+    engine.update_adapter(learner.policy_version, learner.export_adapter())  # the engines follow
+    restore_rng(meta["rng"])
+    print(f"resumed from {folder}: step {meta['step']}, data position {meta['data_position']}, "
+          f"policy version {learner.policy_version}")
+    return meta["step"], meta["data_position"]
+
+
+def _save(manager, run: Path, learner, step: int, stream) -> Path:
+    import shutil
+
+    from rl.checkpoint import sha256_file
+
+    def write(folder: Path) -> None:
+        learner.save_state(folder)
+        shutil.copy(run / "config.yaml", folder / "config.yaml")
+
+    return manager.save(step + 1, write, {"data_position": stream.position, "policy_version": learner.policy_version,
+                                          "config_sha256": sha256_file(run / "config.yaml")})
 
 
 def main(argv: list[str] | None = None) -> int:

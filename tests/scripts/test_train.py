@@ -20,7 +20,8 @@ def test_smoke_config_trains_checkpoints_and_reports(tmp_path, capsys):
     assert [m["step"] for m in metrics] == [0, 1]
     assert all("timing/rollout" in m and "sample" in m for m in metrics)
     checkpoint = run / "checkpoints" / "step_000002"
-    assert (checkpoint / "adapter_config.json").exists() and (checkpoint / "adapter_model.safetensors").exists()
+    assert (checkpoint / "adapter" / "adapter_config.json").exists() and (checkpoint / "meta.json").exists()
+    assert (checkpoint / "adapter" / "adapter_model.safetensors").exists() and (checkpoint / "learner_state.pt").exists()
     assert (run / "config.yaml").exists() and (run / "upstream_cache.sqlite").exists()
     # a rerun into the same folder pays for no upstream answer twice
     capsys.readouterr()

@@ -1,0 +1,94 @@
+"""The trainer as users run it: `ray start --head`, then `ray job submit` of scripts/train.py.
+
+A real local Ray cluster (its own temp dir and ports), the real job server, the smoke config
+on CPU; the job's run folder must hold the metrics, a PEFT checkpoint and the results.
+"""
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    """A head of our own: its own ports (another cluster on this machine must not collide with
+    its dashboard agent) and its own process group, so teardown stops only this cluster."""
+    temp = Path("/tmp") / f"rayt{os.getpid()}"  # short: Ray's socket paths have a length limit
+    ports = {name: _free_port() for name in ("port", "dashboard-port", "dashboard-agent-listen-port",
+                                             "dashboard-agent-grpc-port", "metrics-export-port",
+                                             "runtime-env-agent-port", "node-manager-port",
+                                             "object-manager-port", "ray-client-server-port")}
+    # Ray 2.5x+ enables token auth for local clusters; give the cluster and the CLI one token.
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0",
+           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    head = subprocess.Popen([str(BIN / "ray"), "start", "--head", "--block", "--num-cpus=3",
+                             "--dashboard-host=127.0.0.1", "--include-dashboard=true", f"--temp-dir={temp}",
+                             *(f"--{name}={port}" for name, port in ports.items())],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        yield f"http://127.0.0.1:{ports['dashboard-port']}", env
+    finally:
+        for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+            try:
+                os.killpg(head.pid, sig)
+                head.wait(timeout=wait)
+                break
+            except (subprocess.TimeoutExpired, ProcessLookupError):
+                continue
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _job_status(address: str, job_id: str, env: dict) -> str:
+    out = subprocess.run([str(BIN / "ray"), "job", "status", "--address", address, job_id],
+                         env=env, capture_output=True, text=True, timeout=60).stdout
+    for status in ("SUCCEEDED", "FAILED", "STOPPED", "RUNNING", "PENDING"):
+        if status in out:
+            return status
+    return "UNKNOWN"
+
+
+@pytest.mark.slow
+def test_ray_job_submit_trains_and_writes_the_run(ray_head, tmp_path):
+    address, env = ray_head
+    run = tmp_path / "run"
+    job_id = f"smoke-{os.getpid()}"
+    command = [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT),
+               "--submission-id", job_id, "--no-wait", "--", sys.executable, "scripts/train.py",
+               "--config", "configs/smoke.yaml", "--set", f"logging.run_dir={run}"]
+    for _ in range(60):  # the head (and its job agent) come up a while after the process starts
+        submit = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+        if submit.returncode == 0 or not any(m in submit.stderr for m in ("No available agent", "onnect")):
+            break
+        time.sleep(5)
+    assert submit.returncode == 0, submit.stderr[-3000:]
+    deadline = time.time() + 900
+    while (status := _job_status(address, job_id, env)) in ("PENDING", "RUNNING", "UNKNOWN"):
+        assert time.time() < deadline, "the job did not finish in 15 minutes"
+        time.sleep(5)
+    logs = subprocess.run([str(BIN / "ray"), "job", "logs", "--address", address, job_id],
+                          env=env, capture_output=True, text=True, timeout=60).stdout
+    assert status == "SUCCEEDED", logs[-4000:]
+    assert "placement:" in logs and "step    1" in logs
+    results = json.loads((run / "results.json").read_text())
+    assert results["steps"] == 2 and results["after"]["overall"]["total"] == 8
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
+    assert (run / "checkpoints" / "step_000002" / "adapter" / "adapter_model.safetensors").exists()
+    assert (run / "report" / "report.md").exists()
