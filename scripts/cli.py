@@ -15,6 +15,8 @@ COMMANDS = {
     "generate-dataset": ("scripts.generate_dataset", "write a task's train/test JSONL"),
     "baseline": ("scripts.run_baseline", "the upstream alone on a task file, cached"),
     "bench-verifiers": ("scripts.bench_verifiers", "verifier throughput and latency"),
+    "chain": ("scripts.chain", "upstream -> adapter -> final answer, on the command line or as an HTTP service"),
+    "ablate": ("scripts.ablate", "train the prompt conditions A-D and tabulate them side by side"),
 }
 
 
