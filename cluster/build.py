@@ -106,6 +106,6 @@ def build_ray(config, run: Path) -> RayRun:
                                  str(config.upstream.cache_path or run / "upstream_cache.sqlite"),
                                  config.upstream.max_concurrency)[0]
     learner = groups.LearnerGroup(learners)
-    engine = groups.EngineGroup(engines, groups.object_store_push)
+    engine = groups.EngineGroup(engines, groups.ObjectStorePush())
     engine.update_adapter(learner.policy_version, learner.export_adapter())  # one starting point
     return RayRun(engine, learner, groups.VerifierPool(verifiers), upstream, the_plan, pg)

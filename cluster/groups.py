@@ -112,11 +112,19 @@ class VerifierPool:
         return [result for part in ray.get(refs) for result in part]
 
 
-def object_store_push(actors: Sequence, version: int, tensors: dict) -> None:
-    """The fallback transport: one ``ray.put`` of the tensors, read by every engine."""
-    ref = ray.put(tensors)
-    versions = ray.get([actor.update_adapter.remote(version, ref) for actor in actors])
-    assert all(v == version for v in versions), f"engines report versions {versions}, pushed {version}"
+class ObjectStorePush:
+    """The CPU transport of the trainer: one ``ray.put`` of the dtype-bucketed tensors
+    (:mod:`cluster.weight_sync`), fetched by every engine from shared memory."""
+
+    def __init__(self):
+        from cluster.weight_sync import ObjectStoreSender
+
+        self.sender = ObjectStoreSender()
+
+    def __call__(self, actors: Sequence, version: int, tensors: dict) -> None:
+        ticket = self.sender.push(version, tensors).ticket
+        versions = ray.get([actor.sync.remote(ticket) for actor in actors])
+        assert all(v == version for v in versions), f"engines report versions {versions}, pushed {version}"
 
 
 def engine_options(plan, pg, index: int) -> dict:

@@ -34,7 +34,11 @@ class EngineHost:
     def generate(self, prompts, n, sampling):
         return self.engine.generate(prompts, n, sampling)
 
-    def update_adapter(self, version: int, tensors: dict) -> int:
+    def sync(self, ticket) -> int:
+        """Receive a pushed adapter (an object-store ticket) and swap it in between generations."""
+        from cluster.weight_sync import ObjectStoreReceiver
+
+        version, tensors = ObjectStoreReceiver().receive(ticket)
         self.engine.update_adapter(version, tensors)
         return self.engine.policy_version
 

@@ -10,8 +10,6 @@ import json
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from actors.learner import Learner
 from actors.rollout_hf import HFRolloutEngine
@@ -19,8 +17,8 @@ from rl.loop import LoopSettings, TrainItem, train
 from rl.records import Prompt, SamplingParams
 from verifiers.rewards import Example, RewardResult
 
-WORDS = ["<pad>", "<eos>", "yes", "sure", "no", "maybe", "red", "blue", "one", "two", "cat",
-         "dog", "sun", "moon", "up", "down"]
+from tests.tiny import build_word_model
+
 REWARDED = {"yes", "sure"}
 LORA = dict(lora_rank=8, lora_alpha=16, target_modules=("q_proj", "k_proj", "v_proj", "o_proj",
                                                         "gate_proj", "up_proj", "down_proj"))
@@ -28,19 +26,7 @@ LORA = dict(lora_rank=8, lora_alpha=16, target_modules=("q_proj", "k_proj", "v_p
 
 @pytest.fixture(scope="module")
 def word_model(tmp_path_factory):
-    path = tmp_path_factory.mktemp("word-llama")
-    vocab = {word: i for i, word in enumerate(WORDS)}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>")
-    tokenizer.save_pretrained(path)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         pad_token_id=0, eos_token_id=1, bos_token_id=0, tie_word_embeddings=True,
-                         initializer_range=0.2)
-    LlamaForCausalLM(config).save_pretrained(path)
-    return path, tokenizer
+    return build_word_model(tmp_path_factory.mktemp("word-llama"))
 
 
 def score(pairs):
