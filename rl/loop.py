@@ -225,17 +225,21 @@ def train_step(step, stream, engine: RolloutEngine, learner: Learner, score: Sco
 
 def train(items: Sequence[TrainItem], engine, learner, score: Scorer, settings: LoopSettings,
           sink: MetricsSink, on_step_end: Callable[[int, dict, ItemStream], None] | None = None,
-          start_step: int = 0, data_position: int = 0) -> list[dict]:
+          start_step: int = 0, data_position: int = 0,
+          evaluate: Callable[[int], dict] | None = None) -> list[dict]:
     """Run steps ``start_step .. settings.steps - 1``; every step's metrics go to ``sink``.
 
     ``data_position`` is where the item stream resumes (a checkpoint's ``stream.position``);
-    ``on_step_end(step, metrics, stream)`` is where the caller checkpoints and evaluates.
+    ``evaluate(step)`` returns extra metrics logged with the step's (periodic held-out
+    evaluation); ``on_step_end(step, metrics, stream)`` is where the caller checkpoints.
     """
     stream = ItemStream(items, settings.seed, data_position)
     history = []
     for step in range(start_step, settings.steps):
         metrics = train_step(step, stream, engine, learner, score, settings)
         metrics["data/position"] = stream.position
+        if evaluate is not None:
+            metrics.update(evaluate(step))
         sink.log(step, metrics)
         history.append(metrics)
         if on_step_end is not None:

@@ -218,7 +218,8 @@ def _train_and_evaluate(config, run: Path, parts: Parts, train_tasks, test_tasks
 
         try:
             history = train(train_items, engine, learner, parts.score, settings, sink,
-                            on_step_end=on_step_end, start_step=start_step, data_position=position)
+                            on_step_end=on_step_end, start_step=start_step, data_position=position,
+                            evaluate=_periodic_eval(config, engine, test_items))
         except TrainingStopped as stopped:
             print(f"stopped by signal after step {stopped.step}; checkpoint {stopped.checkpoint}; "
                   f"continue with --set checkpoint.resume=true")
@@ -234,6 +235,27 @@ def _train_and_evaluate(config, run: Path, parts: Parts, train_tasks, test_tasks
     paths = report_from_run(run)
     print(f"report: {paths['report']}")
     return results
+
+
+def _periodic_eval(config, engine, items):
+    """Every ``eval.every_steps``: held-out accuracy as ``eval/*`` metrics (overall, per
+    category, per symbol), logged with the step so the curves show what was learned when."""
+    from rl.evaluation import evaluate_items
+
+    every = config.eval.every_steps
+    if not every:
+        return None
+
+    def evaluate(step: int) -> dict:
+        if (step + 1) % every:
+            return {}
+        summary, _ = evaluate_items(engine, items, _sampling(config, evaluation=True))
+        metrics = {f"eval/{name}": summary[name]["accuracy"] for name in ("overall", *summary.get("categories", ()))}
+        metrics.update({f"eval/symbol/{symbol}": value["accuracy"]
+                        for symbol, value in summary.get("by_symbol", {}).items()})
+        return metrics
+
+    return evaluate
 
 
 def _resume(config, manager, engine, learner) -> tuple[int, int]:

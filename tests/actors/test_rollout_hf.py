@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from actors.models import load_causal_lm, load_tokenizer
-from actors.rollout import RolloutEngine
+from rl.interfaces import RolloutEngine
 from actors.rollout_hf import HFRolloutEngine, _eos_ids, filter_top_k_top_p
 from rl.records import Prompt, SamplingParams
 

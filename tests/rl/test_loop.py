@@ -119,3 +119,12 @@ def test_item_stream_reshuffles_every_epoch_and_resumes_at_a_position():
     assert stream.position == 15
     resumed = ItemStream(items, seed=0, position=7)
     assert [next(resumed) for _ in range(8)] == sum(epochs, [])[7:15]
+
+
+def test_periodic_evaluation_metrics_are_logged_with_the_step():
+    items, engine = _items(["mixed"] * 2)
+    sink = Sink()
+    settings = LoopSettings(steps=2, prompts_per_step=1, group_size=2, sampling=SamplingParams())
+    train(items, engine, RecordingLearner(), score, settings, sink,
+          evaluate=lambda step: {"eval/overall": 0.5} if step == 1 else {})
+    assert "eval/overall" not in sink.rows[0][1] and sink.rows[1][1]["eval/overall"] == 0.5

@@ -11,7 +11,8 @@ from scripts import train
 @pytest.mark.slow
 def test_smoke_config_trains_checkpoints_and_reports(tmp_path, capsys):
     run = tmp_path / "run"
-    argv = ["--config", "configs/smoke.yaml", "--set", f"logging.run_dir={run}", "--set", "cluster.mode=in_process"]
+    argv = ["--config", "configs/smoke.yaml", "--set", f"logging.run_dir={run}", "--set", "cluster.mode=in_process",
+            "--set", "eval.every_steps=1"]
     assert train.main(argv) == 0
     results = json.loads((run / "results.json").read_text())
     assert results["steps"] == 2 and len(results["reward_curve"]) == 2
@@ -19,6 +20,7 @@ def test_smoke_config_trains_checkpoints_and_reports(tmp_path, capsys):
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [0, 1]
     assert all("timing/rollout" in m and "sample" in m for m in metrics)
+    assert all(0.0 <= m["eval/overall"] <= 1.0 and "eval/custom" in m for m in metrics)  # periodic eval
     checkpoint = run / "checkpoints" / "step_000002"
     assert (checkpoint / "adapter" / "adapter_config.json").exists() and (checkpoint / "meta.json").exists()
     assert (checkpoint / "adapter" / "adapter_model.safetensors").exists() and (checkpoint / "learner_state.pt").exists()
