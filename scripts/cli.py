@@ -17,6 +17,7 @@ COMMANDS = {
     "bench-verifiers": ("scripts.bench_verifiers", "verifier throughput and latency"),
     "chain": ("scripts.chain", "upstream -> adapter -> final answer, on the command line or as an HTTP service"),
     "ablate": ("scripts.ablate", "train the prompt conditions A-D and tabulate them side by side"),
+    "evaluate": ("scripts.evaluate", "upstream alone, base model and adapters on a test file, side by side"),
 }
 
 
