@@ -87,9 +87,20 @@ def _skip_shm_comm_op() -> None:
 
 def init_distributed(device: str = "cpu") -> None:
     """Start DeepSpeed's process group once per process (gloo on CPU, nccl on CUDA)."""
+    added = set_single_process_env()
+    try:
+        _init_deepspeed(device)
+    finally:
+        # The group holds that port now (or never needed it). A port we chose must not leak
+        # into processes started later from this one (a Ray cluster this driver starts, a
+        # subprocess): they would take it for a launcher's and fail to bind it.
+        if "MASTER_PORT" in added:
+            del os.environ["MASTER_PORT"]
+
+
+def _init_deepspeed(device: str) -> None:
     import torch.distributed as dist
 
-    set_single_process_env()
     kind = "cuda" if str(device).startswith("cuda") else "cpu"
     os.environ.setdefault("DS_ACCELERATOR", kind)  # read once, when DeepSpeed first picks one
     import deepspeed

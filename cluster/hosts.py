@@ -53,9 +53,14 @@ class LearnerHost:
     """The DeepSpeed + PEFT learner in its own actor."""
 
     def __init__(self, learner_kwargs: dict, cpus: float = 1.0):
+        from actors.distributed import free_port
         from actors.learner import Learner
 
         _set_threads(cpus)
+        # The one learner rank is a process group of its own: never a port or rank inherited
+        # from whatever environment started the Ray cluster.
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0",
+                          LOCAL_RANK="0", WORLD_SIZE="1")
         self.learner = Learner(**learner_kwargs)
 
     def train_step(self, groups):

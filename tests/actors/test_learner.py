@@ -305,3 +305,13 @@ def test_stale_locks_are_found(tmp_path):
     (tmp_path / "op_b" / "lock").write_text("")
     (tmp_path / "op_b" / "op_b.so").write_text("")
     assert stale_extension_locks(tmp_path) == [tmp_path / "op_a" / "lock"]
+
+
+def test_a_chosen_port_does_not_leak_to_later_processes(tiny_model, monkeypatch):
+    """The port the learner chose is bound by its process group: it must not stay in this
+    process's environment, where a Ray cluster or subprocess started later would inherit it."""
+    import os
+
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    make_learner(tiny_model)
+    assert "MASTER_PORT" not in os.environ
