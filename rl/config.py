@@ -239,11 +239,10 @@ class LoggingConfig:
     name: str = knob("run", "Run name; fills {name} in run_dir.", pattern=_NAME)
     run_dir: str = knob("runs/{name}", "Run folder (resolved config, metrics, checkpoints); {name} is "
                         "the only placeholder.", allowed="a path, may contain {name}")
-    log_every: int = knob(1, "Log metrics every this many steps.", ge=1)
-    sample_every: int = knob(1, "Log one decoded completion every this many steps; 0 is never.", ge=0)
-    tracker: str = knob("jsonl", "none, jsonl (metrics.jsonl in the run dir) or wandb (and jsonl).",
-                        choices=("none", "jsonl", "wandb"))
-    wandb_project: str = knob("api-adapter", "Weights & Biases project (tracker wandb).", pattern=_NAME)
+    tracker: str = knob("jsonl", "Where step metrics go besides the console: none, jsonl "
+                        "(metrics.jsonl in the run dir, which reports are made from), or tensorboard "
+                        "(jsonl plus TensorBoard events in RUN/tensorboard).",
+                        choices=("none", "jsonl", "tensorboard"))
 
 
 @dataclass(frozen=True)

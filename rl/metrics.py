@@ -51,6 +51,31 @@ class ConsoleSink:
         print("  ".join(parts), file=self.stream, flush=True)
 
 
+class TensorBoardSink:
+    """Every numeric metric as a TensorBoard scalar under its own name (``reward/mean`` ...)."""
+
+    def __init__(self, log_dir: Path):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(log_dir))
+
+    def log(self, step: int, metrics: dict) -> None:
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.writer.add_scalar(key, value, step)
+        self.writer.flush()
+
+
+def sinks_for(tracker: str, run: Path) -> "FanOut":
+    """The console plus what ``logging.tracker`` names."""
+    sinks: list = [ConsoleSink()]
+    if tracker in ("jsonl", "tensorboard"):
+        sinks.append(JsonlSink(Path(run) / "metrics.jsonl"))
+    if tracker == "tensorboard":
+        sinks.append(TensorBoardSink(Path(run) / "tensorboard"))
+    return FanOut(*sinks)
+
+
 class FanOut:
     """Several sinks as one."""
 

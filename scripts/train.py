@@ -183,7 +183,7 @@ def _train_and_evaluate(config, run: Path, parts: Parts, train_tasks, test_tasks
     from actors.models import load_tokenizer
     from rl.loop import LoopSettings, train
     from rl.checkpoint import CheckpointManager, GracefulStop, TrainingStopped, is_due
-    from rl.metrics import ConsoleSink, FanOut, JsonlSink, NullSink
+    from rl.metrics import sinks_for
 
     answers = parts.answer_all(_requests(config, train_tasks + test_tasks))
     print(f"upstream: {len(answers)} answers ({sum(a.cached for a in answers)} from the cache), "
@@ -207,7 +207,7 @@ def _train_and_evaluate(config, run: Path, parts: Parts, train_tasks, test_tasks
         sampling=_sampling(config, evaluation=False), advantage_scale=algo.advantage_scale,
         filter_zero_variance=algo.filter_zero_variance, max_refill_rounds=algo.max_refill_rounds,
         seed=config.data.seed)
-    sink = FanOut(ConsoleSink(), JsonlSink(run / "metrics.jsonl") if config.logging.tracker == "jsonl" else NullSink())
+    sink = sinks_for(config.logging.tracker, run)
     start = time.perf_counter()
     with GracefulStop() as stop:  # entered after ray.init, which installs a SIGTERM handler of its own
         def on_step_end(step: int, metrics: dict, stream) -> None:

@@ -128,3 +128,12 @@ def test_periodic_evaluation_metrics_are_logged_with_the_step():
     train(items, engine, RecordingLearner(), score, settings, sink,
           evaluate=lambda step: {"eval/overall": 0.5} if step == 1 else {})
     assert "eval/overall" not in sink.rows[0][1] and sink.rows[1][1]["eval/overall"] == 0.5
+
+
+def test_tensorboard_tracker_writes_events_and_jsonl(tmp_path):
+    from rl.metrics import sinks_for
+
+    sink = sinks_for("tensorboard", tmp_path)
+    sink.log(0, {"reward/mean": 0.5, "sample": {"completion": "x", "reward": 1.0}, "policy_version": 1})
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert '"reward/mean": 0.5' in (tmp_path / "metrics.jsonl").read_text()
