@@ -100,7 +100,8 @@ def _config_overrides(args) -> list[str]:
 
 def _subject_overrides(settings) -> list[str]:
     values = {"model.name_or_path": settings.base_model, "data.condition": settings.condition,
-              "rollout.response_prefix": settings.response_prefix, "rollout.stop": list(settings.stop),
+              "rollout.response_prefix": settings.response_prefix or None,  # "" means none: null
+              "rollout.stop": list(settings.stop),
               "eval.max_new_tokens": settings.max_new_tokens}
     return [f"{key}={json.dumps(value)}" for key, value in values.items()]
 
