@@ -87,7 +87,8 @@ class _Learner:
     def __init__(self, shape: AdapterShape, kind: str, world: int, bucket_bytes: int) -> None:
         import torch
 
-        from cluster.weight_sync import ObjectStoreSender, TorchDistributedSender
+        from cluster.weight_sync import ObjectStoreSender
+        from cluster.weight_sync_dist import TorchDistributedSender
 
         torch.set_num_threads(1)
         dtype = getattr(torch, shape.dtype)
@@ -112,7 +113,8 @@ class _Engine:
 
         import torch
 
-        from cluster.weight_sync import ObjectStoreReceiver, TorchDistributedReceiver
+        from cluster.weight_sync import ObjectStoreReceiver
+        from cluster.weight_sync_dist import TorchDistributedReceiver
 
         torch.set_num_threads(1)
         dtype = getattr(torch, shape.dtype)

@@ -20,11 +20,12 @@ import pytest
 import torch
 
 import cluster.weight_sync as ws
+import cluster.weight_sync_dist as wsd
 from cluster.weight_sync import (
-    Bucket, ObjectStoreReceiver, ObjectStoreSender, TensorMeta, TorchDistributedReceiver,
-    TorchDistributedSender, alloc_buckets, as_bytes, choose_transport, make_header,
-    pack_bucket, plan_buckets, sync_round, unpack,
+    Bucket, ObjectStoreReceiver, ObjectStoreSender, TensorMeta, alloc_buckets, as_bytes,
+    choose_transport, make_header, pack_bucket, plan_buckets, sync_round, unpack,
 )
+from cluster.weight_sync_dist import TorchDistributedReceiver, TorchDistributedSender
 from scripts.bench_weight_sync import AdapterShape, lora_shapes
 
 PROJ = {"q_proj": (32, 32), "k_proj": (32, 16), "v_proj": (32, 16), "o_proj": (32, 32),
@@ -121,13 +122,13 @@ def test_choose_transport():
 
 
 def test_interface_for_ip_and_pinning(monkeypatch):
-    assert ws.interface_for_ip("127.0.0.1") == "lo"
-    assert ws.interface_for_ip("203.0.113.77") is None
-    assert ws.interface_for_ip(ws.node_ip()) is not None  # the address peers on other nodes dial
+    assert wsd.interface_for_ip("127.0.0.1") == "lo"
+    assert wsd.interface_for_ip("203.0.113.77") is None
+    assert wsd.interface_for_ip(wsd.node_ip()) is not None  # the address peers on other nodes dial
     monkeypatch.setenv("GLOO_SOCKET_IFNAME", "mine")
-    assert ws.pin_socket_interface("gloo", "127.0.0.1") == "mine"  # an explicit choice wins
+    assert wsd.pin_socket_interface("gloo", "127.0.0.1") == "mine"  # an explicit choice wins
     monkeypatch.delenv("GLOO_SOCKET_IFNAME")
-    assert ws.pin_socket_interface("gloo", "127.0.0.1") == "lo"
+    assert wsd.pin_socket_interface("gloo", "127.0.0.1") == "lo"
     assert os.environ["GLOO_SOCKET_IFNAME"] == "lo"
 
 
