@@ -25,3 +25,21 @@ def build_word_model(path: Path):
                          initializer_range=0.2)
     LlamaForCausalLM(config).save_pretrained(path)
     return path, tokenizer
+
+
+def build_chat_llama(path: Path, *, hidden: int = 64, intermediate: int = 128, max_positions: int = 512,
+                     initializer_range: float = 0.02) -> Path:
+    """A random 2-layer Llama with the embedded model's tokenizer (and so its chat template)."""
+    from actors.models import load_tokenizer
+
+    tok = load_tokenizer("embedded")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
+        initializer_range=initializer_range, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id, tie_word_embeddings=True,
+    )
+    LlamaForCausalLM(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

@@ -12,10 +12,12 @@ import time
 import pytest
 import torch
 
-from actors.models import load_causal_lm, load_tokenizer
+from actors.models import load_causal_lm
 from rl.interfaces import RolloutEngine
 from actors.rollout_hf import HFRolloutEngine, _eos_ids, filter_top_k_top_p
 from rl.records import Prompt, SamplingParams
+
+from tests.tiny import build_chat_llama
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 GREEDY = SamplingParams(max_new_tokens=10, temperature=0.0)
@@ -33,20 +35,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def tiny_path(tmp_path_factory):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tok = load_tokenizer("embedded")
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        initializer_range=0.1, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id, tie_word_embeddings=True,
-    )
-    path = tmp_path_factory.mktemp("tiny-llama")
-    LlamaForCausalLM(config).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    return build_chat_llama(tmp_path_factory.mktemp("tiny-llama"), initializer_range=0.1)
 
 
 @pytest.fixture(scope="module")

@@ -28,6 +28,8 @@ from cluster.weight_sync import (
 from cluster.weight_sync_dist import TorchDistributedReceiver, TorchDistributedSender
 from scripts.bench_weight_sync import AdapterShape, lora_shapes
 
+from tests.tiny import build_chat_llama
+
 PROJ = {"q_proj": (32, 32), "k_proj": (32, 16), "v_proj": (32, 16), "o_proj": (32, 32),
         "gate_proj": (32, 64), "up_proj": (32, 64), "down_proj": (64, 32)}  # (in, out)
 
@@ -303,22 +305,7 @@ def test_an_engine_never_generates_with_a_half_applied_update(ray_cluster, actor
 
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from actors.models import load_tokenizer
-
-    tok = load_tokenizer("embedded")
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id, tie_word_embeddings=True,
-    )
-    path = tmp_path_factory.mktemp("tiny-llama")
-    LlamaForCausalLM(config).save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
+    return str(build_chat_llama(tmp_path_factory.mktemp("tiny-llama"), hidden=32, intermediate=64, max_positions=128))
 
 
 @pytest.mark.slow

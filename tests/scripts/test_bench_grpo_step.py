@@ -9,29 +9,15 @@ import pytest
 
 from scripts import bench_grpo_step as bench
 
+from tests.tiny import build_chat_llama
+
 SMALLEST = ["--steps", "1", "--prompts", "2", "--group-size", "2", "--max-new-tokens", "2",
             "--threads", "1", "--lora-rank", "4", "--lora-alpha", "8"]
 
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from actors.models import load_tokenizer
-
-    tok = load_tokenizer("embedded")
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        initializer_range=0.1, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id, tie_word_embeddings=True,
-    )
-    path = tmp_path_factory.mktemp("tiny-llama")
-    LlamaForCausalLM(config).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    return build_chat_llama(tmp_path_factory.mktemp("tiny-llama"), initializer_range=0.1)
 
 
 def test_a_side_gets_the_parent_settings_back(tmp_path):
