@@ -7,7 +7,10 @@ prompts are grouped into chunks whose rows fit ``max_batch_tokens`` (rows x (lon
 max_new_tokens) KV-cache tokens; a group larger than the budget runs alone). Per chunk:
 
 1. Prefill: the distinct prompts, left-padded, run ONCE (``use_cache=True``, position ids from
-   the attention mask as ``generate`` makes them, logits of the last position only).
+   the attention mask as ``generate`` makes them, logits of the last position only). The head
+   all of a chunk's prompts share (the adapter prompt's system message and few-shot lines,
+   ~200 of its ~230 tokens) runs once for the chunk, and only each prompt's own tail runs per
+   prompt, padded after the head (what vLLM's automatic prefix caching does across requests).
 2. Expand: ``Cache.batch_select_indices(row_src)`` gathers each prompt's keys and values into
    its n rows (transformers' public cache API, also used by its own contrastive search); the
    prefill's last logits and the attention mask are gathered the same way. With
@@ -57,6 +60,10 @@ from torch import Tensor
 
 from actors.models import load_causal_lm, load_tokenizer, resolve_model_path
 from rl.records import Completion, FinishReason, Prompt, SamplingParams
+
+
+MIN_SHARED_TOKENS = 16
+"""A shared prompt head shorter than this is not worth a separate pass."""
 
 
 @dataclass
@@ -181,14 +188,10 @@ class HFRolloutEngine:
         src = torch.tensor(row_src, device=dev)
         if not self.prefix_reuse:  # every row prefills its own copy of its prompt
             prompts, src = [prompts[g] for g in row_src], torch.arange(len(row_src), device=dev)
-        ids, mask = _left_pad(prompts, self.pad_id, dev)
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
-                         logits_to_keep=1)
-        cache = out.past_key_values
+        cache, logits, mask, pos = self._prefill(prompts)
         if self.prefix_reuse:
             cache.batch_select_indices(src)
-        logits, mask, pos = out.logits[src, -1], mask[src], pos[src, -1] + 1
+        logits, mask, pos = logits[src], mask[src], pos[src, -1] + 1
         rows = [_Row([], []) for _ in row_src]
         active = list(range(len(rows)))
         stop_window = max((len(s.encode()) for s in sp.stop), default=0) + 2
@@ -219,6 +222,31 @@ class HFRolloutEngine:
         for row in rows:
             row.finish = row.finish or "length"
         return rows
+
+    def _prefill(self, prompts: list[list[int]]) -> tuple[Any, Tensor, Tensor, Tensor]:
+        """Run the prompts once: ``(cache, last logits [B, V], attention mask, position ids)``.
+
+        The tokens every prompt starts with (the system prompt and few-shot header of a chunk of
+        different questions) are computed once and their keys and values copied to every
+        prompt; only the rest runs per prompt, left-padded *after* the shared part (masked out,
+        positions continuing from the shared part). With prefix reuse off, or under
+        ``MIN_SHARED_TOKENS`` shared tokens, all of every prompt runs.
+        """
+        dev = self.device
+        shared = _shared_prefix_len(prompts) if self.prefix_reuse else 0
+        head = None
+        if shared >= MIN_SHARED_TOKENS and len(prompts) > 1:
+            head = self.model(input_ids=torch.tensor([prompts[0][:shared]], device=dev),
+                              use_cache=True, logits_to_keep=1).past_key_values
+            head.batch_select_indices(torch.zeros(len(prompts), dtype=torch.long, device=dev))
+            prompts = [p[shared:] for p in prompts]
+        ids, mask = _left_pad(prompts, self.pad_id, dev)
+        if head is not None:
+            mask = torch.cat([mask.new_ones(len(prompts), shared), mask], dim=-1)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos[:, pos.shape[1] - ids.shape[1]:],
+                         past_key_values=head, use_cache=True, logits_to_keep=1)
+        return out.past_key_values, out.logits[:, -1], mask, pos
 
     def _hit_stop(self, tokens: list[int], stops: tuple[str, ...], window: int) -> bool:
         # A stop string of b UTF-8 bytes spans at most b tokens (plus a partial one either side).
@@ -283,6 +311,17 @@ def filter_top_k_top_p(logp: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tens
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logp = logp.masked_fill(drop, float("-inf"))
     return logp
+
+
+def _shared_prefix_len(prompts: list[list[int]]) -> int:
+    """Tokens all prompts start with, leaving each at least one of its own (whose logits start
+    the completion)."""
+    limit = min(len(p) for p in prompts) - 1
+    first = prompts[0]
+    n = 0
+    while n < limit and all(p[n] == first[n] for p in prompts):
+        n += 1
+    return n
 
 
 def _left_pad(seqs: list[list[int]], pad_id: int, device: torch.device) -> tuple[Tensor, Tensor]:

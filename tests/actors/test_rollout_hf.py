@@ -260,3 +260,33 @@ def test_embedded_model_condition_d():
           f"{n_tokens / seconds:.1f} tokens/s")
     assert len(sampled) == 32 and all(1 <= len(c.token_ids) <= 8 for c in sampled)
     assert all(len(c.token_ids) <= 8 for c in greedy)
+
+
+def test_shared_prompt_head_runs_once_and_changes_nothing(engine):
+    """Prompts that share a long head (as every adapter prompt shares its few-shot lines): the
+    head is computed once for the chunk, the tails padded after it; tokens and log-probs equal
+    the per-prompt prefill's, and the model saw the head once."""
+    tok = engine.tokenizer
+    head = "Examples: 3 θ 4 → 7; 10 α 3 → 7; 2 γ 6 → 12. Now the question follows here. "
+    tails = ["Expression: 12 θ 7 →", "Expression: 5 β 5 | API answer: 1 →", "Q: 2 α 9?"]
+    prompts = [Prompt(tok(head + t, add_special_tokens=False)["input_ids"], head + t) for t in tails]
+    sampled = SamplingParams(max_new_tokens=6, temperature=1.0, seed=5)
+    calls = []
+    hook = engine.model.get_base_model().model.embed_tokens.register_forward_hook(
+        lambda module, args, out: calls.append(tuple(args[0].shape)))
+    try:
+        shared = [engine.generate(prompts, 3, sp) for sp in (GREEDY, sampled)]
+    finally:
+        hook.remove()
+    n_head = len(tok(head, add_special_tokens=False)["input_ids"])
+    assert calls[0][0] == 1 and calls[0][1] >= min(n_head - 1, 16)  # the head alone, batch 1
+    assert calls[1][0] == 3 and calls[1][1] < max(len(p.token_ids) for p in prompts) - 10
+    engine.prefix_reuse = False
+    try:
+        plain = [engine.generate(prompts, 3, sp) for sp in (GREEDY, sampled)]
+    finally:
+        engine.prefix_reuse = True
+    for a, b in zip(shared, plain):
+        assert _tokens(a) == _tokens(b)
+        for x, y in zip(a, b):
+            assert torch.allclose(torch.tensor(x.logprobs), torch.tensor(y.logprobs), atol=1e-4)
