@@ -153,13 +153,14 @@ class Chain:
     def __init__(self, upstream: Any, engine: Any, *, condition: str = "D", response_prefix: str = "",
                  max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, stop: Sequence[str] = (),
                  upstream_max_tokens: int | None = None, model: str | None = None,
-                 adapter: str | None = None) -> None:
+                 adapter: str | None = None, answer_format: str = "box") -> None:
         if condition not in CONDITIONS:
             raise ValueError(f"condition {condition!r} is not one of {CONDITIONS}")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         self.upstream, self.engine = upstream, engine
         self.condition, self.response_prefix = condition, response_prefix or ""
+        self.answer_format = answer_format
         self.sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, stop=tuple(stop))
         self.upstream_max_tokens = upstream_max_tokens
         self.model, self.adapter = model, adapter
@@ -171,7 +172,7 @@ class Chain:
     def describe(self) -> dict:
         """What the chain runs, for logs and the health endpoint."""
         return {"model": self.model, "adapter": self.adapter, "condition": self.condition,
-                "response_prefix": self.response_prefix, "max_new_tokens": self.sampling.max_new_tokens,
+                "answer_format": self.answer_format, "response_prefix": self.response_prefix, "max_new_tokens": self.sampling.max_new_tokens,
                 "upstream": {"provider": getattr(self.upstream, "name", None),
                              "model": getattr(self.upstream, "model", None)}}
 
@@ -186,7 +187,8 @@ class Chain:
         start = time.perf_counter()
         replies = self._ask_upstream(checked)
         prompts = [adapter_prompt(self.engine.tokenizer, e, r.answer, self.condition,
-                                  response_prefix=self.response_prefix) for e, r in zip(checked, replies)]
+                                  response_prefix=self.response_prefix, answer_format=self.answer_format)
+                   for e, r in zip(checked, replies)]
         completions = sorted(self.engine.generate(prompts, 1, self.sampling), key=lambda c: c.prompt_index)
         latency = time.perf_counter() - start
         answers = []
@@ -238,7 +240,8 @@ class AdapterSettings:
 
     path: the PEFT folder, None for the base model; base_model: ``"embedded"`` or a folder;
     lora_rank / lora_alpha / target_modules: for the engine (rsLoRA is folded into alpha);
-    condition / response_prefix / stop / max_new_tokens: the prompt and generation settings;
+    condition / answer_format / response_prefix / stop / max_new_tokens: the prompt and
+    generation settings (as the adapter was trained with);
     upstream_max_tokens: the run's upstream reply cap (None: the seed's 64), so the upstream
     answers as it did in training; run_config: the run config they were read from, None when
     they are defaults or given.
@@ -255,6 +258,7 @@ class AdapterSettings:
     max_new_tokens: int
     upstream_max_tokens: int | None = None
     run_config: Path | None = None
+    answer_format: str = "box"
 
 
 def find_run_config(adapter: Path) -> Path | None:
@@ -307,7 +311,7 @@ def adapter_settings(adapter: str | Path | None, *, base_model: str | None = Non
         stop=tuple(config.rollout.stop if stop is None else stop),
         max_new_tokens=max_new_tokens or (config.eval.max_new_tokens if run_config else DEFAULT_MAX_NEW_TOKENS),
         upstream_max_tokens=upstream_max_tokens or (config.upstream.max_tokens if run_config else None),
-        run_config=run_config)
+        run_config=run_config, answer_format=config.data.answer_format)
 
 
 def build_engine(settings: AdapterSettings, *, device: str = "cpu"):
@@ -330,4 +334,5 @@ def chain_from_adapter(upstream: Any, adapter: str | Path | None, *, device: str
     return Chain(upstream, engine, condition=settings.condition, response_prefix=settings.response_prefix,
                  max_new_tokens=settings.max_new_tokens, stop=settings.stop,
                  upstream_max_tokens=settings.upstream_max_tokens, model=settings.base_model,
+                 answer_format=settings.answer_format,
                  adapter=None if settings.path is None else str(settings.path))

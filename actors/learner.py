@@ -50,7 +50,8 @@ from torch import Tensor
 
 from actors.models import load_causal_lm
 from actors.shared_prefix import RowBatch, Unit, completion_logits, pack_micro_batches
-from rl.grpo import completion_mask, entropy_from_logits, grpo_loss, token_logprobs
+from rl.grpo import (GRPOStats, aggregate, completion_mask, entropy_from_logits, grpo_loss,
+                     token_logprobs)
 from rl.records import TrainGroup
 
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -58,6 +59,7 @@ SCHEDULES = ("constant", "linear", "cosine")
 PRECISIONS = ("auto", "float32", "bfloat16")
 AGGREGATIONS = ("token_mean", "sequence_mean", "constant")
 OPTIMIZERS = ("adamw", "adamw_8bit")
+OBJECTIVES = ("grpo", "sft")
 
 
 @dataclass(frozen=True)
@@ -143,7 +145,7 @@ class Learner:
                  loss_aggregation: str = "token_mean", constant_normaliser: int | None = None,
                  tis_cap: float | None = 2.0, mask_truncated: bool = False,
                  temperature: float = 1.0, shared_prefix: bool = True, optimizer: str = "adamw",
-                 device: str = "cpu", seed: int = 0):
+                 sft_steps: int = 0, sft_lr: float | None = None, device: str = "cpu", seed: int = 0):
         if zero_stage not in (0, 1, 2):
             raise ValueError(f"zero_stage={zero_stage}: the learner supports ZeRO stages 0, 1, 2")
         if optimizer not in OPTIMIZERS:
@@ -179,8 +181,10 @@ class Learner:
         self.pad_id = int(module.config.pad_token_id or 0)
         opt = self._optimizer(optimizer, module, lr=lr, betas=tuple(betas), eps=eps,
                               weight_decay=weight_decay)
-        self.engine = self._build_engine(module, opt, warmup_steps, total_steps, lr_schedule,
-                                         max_grad_norm, zero_stage)
+        sft_factor = (sft_lr / lr if lr > 0 else 0.0) if sft_lr is not None else 1.0
+        schedule = lambda step: (sft_factor if step < sft_steps  # noqa: E731
+                                 else lr_factor(step - sft_steps, warmup_steps, total_steps, lr_schedule))
+        self.engine = self._build_engine(module, opt, schedule, max_grad_norm, zero_stage)
         self.module = self.engine.module
         self.params = [p for p in self.module.parameters() if p.requires_grad]
 
@@ -230,13 +234,11 @@ class Learner:
             raise ImportError("optimizer='adamw_8bit' needs `pip install bitsandbytes`") from err
         return bnb.optim.AdamW8bit(params, **kwargs)
 
-    def _build_engine(self, module, optimizer, warmup, total, schedule, max_grad_norm,
-                      zero_stage):
+    def _build_engine(self, module, optimizer, schedule, max_grad_norm, zero_stage):
         distributed.init_distributed(str(self.device))
         import deepspeed
 
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: lr_factor(step, warmup, total, schedule))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         config = {
             "train_micro_batch_size_per_gpu": 1,
             "gradient_accumulation_steps": 1,
@@ -252,11 +254,15 @@ class Learner:
         return engine
 
     # ---------------------------------------------------------------- the step
-    def train_step(self, groups: Sequence[TrainGroup]) -> LearnStats:
-        """One optimizer step over all groups (see the module docstring)."""
+    def train_step(self, groups: Sequence[TrainGroup], objective: str = "grpo") -> LearnStats:
+        """One optimizer step over all groups (see the module docstring). ``objective="sft"``:
+        the mean negative log-likelihood of the completion tokens instead of the GRPO loss
+        (advantages and rollout log-probs unused): supervised fine-tuning on the same engine."""
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective={objective!r} is not one of {OBJECTIVES}")
         t0 = time.perf_counter()
         lr = self.engine.get_lr()[0]
-        acc = self.backward_batch(groups)
+        acc = self.backward_batch(groups, objective)
         if acc.tokens == 0 and acc.finite:  # nothing to train on: no backward ran
             grad_norm, applied = 0.0, False
         elif self.zero_stage == 0:  # plain param.grad: DeepSpeed would step on a NaN
@@ -278,22 +284,23 @@ class Learner:
                           skipped_total=self.skipped_total, lr=lr,
                           seconds=time.perf_counter() - t0, micro_batches=acc.micro_batches)
 
-    def backward_batch(self, groups: Sequence[TrainGroup]) -> "Accumulated":
+    def backward_batch(self, groups: Sequence[TrainGroup], objective: str = "grpo") -> "Accumulated":
         """Forward and backward over all groups, micro-batch by micro-batch, leaving the batch's
         gradient accumulated (no step). A non-finite micro-batch loss ends the pass with a NaN
         gradient in every trained tensor, so that no stage can step on it."""
         if not groups:
             raise ValueError("a step needs at least one group")
         micro = pack_micro_batches(groups, self.micro_batch_tokens, self.shared_prefix)
-        tensors = [self._tensors(units) for units in micro]
-        agg = self.loss_kwargs["agg"]
+        sft = objective == "sft"
+        tensors = [self._tensors(units, with_rollout=not sft) for units in micro]
+        agg = "token_mean" if sft else self.loss_kwargs["agg"]
         counts = [normaliser(t["mask"], agg) for t in tensors]
         total = sum(counts)
         acc = Accumulated(micro_batches=len(micro))
         if int(total) == 0:
             return acc
         for t, count in zip(tensors, counts):
-            loss, stats, entropy = self._micro_loss(t)
+            loss, stats, entropy = self._micro_loss(t, sft)
             loss = loss * (count / total)
             if not torch.isfinite(loss):
                 poison = sum(p.sum() for p in self.params) * float("nan")
@@ -318,7 +325,7 @@ class Learner:
         norms = [p.grad.float().norm() for p in self.params if p.grad is not None]
         return float(torch.stack(norms).norm()) if norms else 0.0
 
-    def _tensors(self, units: Sequence[Unit]) -> dict:
+    def _tensors(self, units: Sequence[Unit], with_rollout: bool = True) -> dict:
         """The micro-batch's rows as a RowBatch and padded tensors on the device."""
         batch = RowBatch.build([u.prompt for u in units],
                                [i for i, u in enumerate(units) for _ in u.completions],
@@ -328,7 +335,7 @@ class Learner:
         mask = completion_mask(lengths, tokens.shape[1], truncated, self.mask_truncated)
         adv = torch.tensor([a for u in units for a in u.advantages], device=self.device)
         rollout = None
-        if self.tis_cap is not None:
+        if self.tis_cap is not None and with_rollout:
             rows = [r for u in units for r in u.rollout_logprobs]
             if any(len(r) != len(c) for r, c in zip(rows, batch.completions)):
                 raise ValueError("rollout_logprobs must have one value per completion token")
@@ -341,14 +348,17 @@ class Learner:
         logits = completion_logits(self.module, batch, self.pad_id, self.shared_prefix)
         return token_logprobs(logits, tokens, self.temperature), logits
 
-    def _micro_loss(self, t: dict):
+    def _micro_loss(self, t: dict, sft: bool = False):
         ref = None
-        if self.kl_coef > 0:
+        if self.kl_coef > 0 and not sft:
             ref = self.reference_logprobs(t["batch"], t["tokens"])
         logp, logits = self._logprobs(t["batch"], t["tokens"])
         with torch.no_grad():
             ent = entropy_from_logits(logits.detach())
             ent = float(torch.where(t["mask"], ent, 0).sum() / t["mask"].sum().clamp(min=1))
+        if sft:
+            loss = aggregate(-logp, t["mask"], "token_mean")
+            return loss, GRPOStats(0.0, 1.0, 1.0, None, None, int(t["mask"].sum())), ent
         loss, stats = grpo_loss(logp, logp.detach(), t["adv"], t["mask"], ref_logp=ref,
                                 rollout_logp=t["rollout"], **self.loss_kwargs)
         return loss, stats, ent

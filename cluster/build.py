@@ -41,7 +41,8 @@ def learner_kwargs(config, device: str = "cpu") -> dict:
         clip_eps_high=algo.clip_eps_high, kl_coef=algo.kl_coef, loss_aggregation=algo.loss_aggregation,
         constant_normaliser=config.rollout.max_new_tokens, tis_cap=algo.tis_cap,
         mask_truncated=algo.mask_truncated, temperature=config.rollout.temperature,
-        optimizer=learner.optimizer, seed=learner.seed, device=device,
+        optimizer=learner.optimizer, sft_steps=config.sft.steps, sft_lr=config.sft.lr, seed=learner.seed,
+        device=device,
     )
 
 

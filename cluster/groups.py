@@ -81,8 +81,8 @@ class LearnerGroup:
         self.actor = actors[0]
         self.policy_version = ray.get(self.actor.policy_version.remote())
 
-    def train_step(self, groups):
-        stats, self.policy_version = ray.get(self.actor.train_step.remote(groups))
+    def train_step(self, groups, objective="grpo"):
+        stats, self.policy_version = ray.get(self.actor.train_step.remote(groups, objective))
         return stats
 
     def export_adapter(self) -> dict:

@@ -63,8 +63,8 @@ class LearnerHost:
                           LOCAL_RANK="0", WORLD_SIZE="1")
         self.learner = Learner(**learner_kwargs)
 
-    def train_step(self, groups):
-        stats = self.learner.train_step(groups)
+    def train_step(self, groups, objective="grpo"):
+        stats = self.learner.train_step(groups, objective)
         return stats, self.learner.policy_version
 
     def export_adapter(self) -> tuple[int, dict]:

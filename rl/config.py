@@ -162,6 +162,25 @@ class AlgorithmConfig:
                                   ge=0, le=100)
     async_off_policy_steps: int = knob(0, "How many policy versions rollouts may lag the learner; "
                                        "0 is synchronous.", ge=0, le=64)
+    max_train_seconds: Optional[float] = knob(None, "Wall-clock budget of training (the SFT stage "
+                                              "included, periodic evaluation excluded): the run ends "
+                                              "after the step that crosses it. null: algorithm.steps "
+                                              "alone decides.", gt=0)
+
+
+@dataclass(frozen=True)
+class SftConfig:
+    """A supervised warm-start on the same learner before GRPO (0 steps: none).
+
+    Format warm-start: the adapter's answer format (data.answer_format) is taught on the training
+    split's *standard-symbol* items only, so no custom symbol's meaning is given away: targets are
+    rl.prompts.answer_text (CORRECT when the API answer is right, where the condition offers it).
+    """
+
+    steps: int = knob(0, "Optimizer steps of the warm-start; 0: no SFT stage.", ge=0)
+    batch_size: int = knob(16, "Examples per SFT step.", ge=1, le=65536)
+    lr: float = knob(5e-4, "Constant learning rate of the SFT steps (then learner.lr and its schedule "
+                     "take over for GRPO).", ge=0, le=1)
 
 
 @dataclass(frozen=True)
@@ -183,6 +202,13 @@ class DataConfig:
     test_fraction: float = knob(0.2, "Share of each type held out for the test set.", ge=0, lt=1)
     seed: int = knob(42, "Seed of the generated dataset (42 reproduces the seed's split).", ge=0, le=2**32 - 1)
     shuffle: bool = knob(True, "Shuffle the training rows every epoch (seeded by data.seed).")
+    unique: bool = knob(False, "Draw distinct expressions per type, so train and test never share an "
+                        "item (n_per_type must not exceed the tier's distinct expressions; t1 has 266 "
+                        "per type). false: independent draws, as the seed did.")
+    answer_format: str = knob("box", "How the adapter answers: box (the box at once, the seed's) or "
+                              "rewrite (restate the expression with standard operators and its value, "
+                              "then the box: 3 + 4 = 7 → \\boxed{7}); sets the few-shot lines and the "
+                              "SFT targets.", choices=("box", "rewrite"))
 
 
 @dataclass(frozen=True)
@@ -243,6 +269,9 @@ class LoggingConfig:
                         "(metrics.jsonl in the run dir, which reports are made from), or tensorboard "
                         "(jsonl plus TensorBoard events in RUN/tensorboard).",
                         choices=("none", "jsonl", "tensorboard"))
+    stall_steps: int = knob(5, "Warn (job log and the stall/zero_variance_steps metric) when every "
+                            "sampled group had identical rewards for this many steps in a row: no "
+                            "gradient, nothing learned. 0: never warn.", ge=0)
 
 
 @dataclass(frozen=True)
@@ -275,6 +304,7 @@ class Config:
     rollout: RolloutConfig = section(RolloutConfig)
     learner: LearnerConfig = section(LearnerConfig)
     algorithm: AlgorithmConfig = section(AlgorithmConfig)
+    sft: SftConfig = section(SftConfig)
     data: DataConfig = section(DataConfig)
     upstream: UpstreamConfig = section(UpstreamConfig)
     cluster: ClusterConfig = section(ClusterConfig)

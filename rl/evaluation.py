@@ -48,7 +48,7 @@ from verifiers.answers import (
     stop_aware,
 )
 from verifiers.rewards import Example, get_reward
-from verifiers.symbols import OPS, SEED_SYMBOLS, STANDARD_SYMBOLS, SymbolError, SymbolMap, tokenize
+from verifiers.symbols import OPS, SEED_SYMBOLS, SymbolError, SymbolMap, symbols_in, tokenize
 
 ERROR_KINDS = ("echo_api", "echo_operand", "arithmetic", "no_answer")
 DECISIONS = ("kept_correct_api", "fixed_wrong_api", "broke_correct_api", "left_wrong")
@@ -242,9 +242,7 @@ def symbol_accuracy(rows: Sequence[EvalRow], symbols: SymbolMap = SEED_SYMBOLS) 
     for row in rows:
         if operands(row.expression, symbols) is None:
             continue
-        present = {c for c in row.expression if c in symbols.custom}
-        present |= {STANDARD_SYMBOLS[c] for c in row.expression if c in STANDARD_SYMBOLS}
-        for symbol in present:
+        for symbol in symbols_in(row.expression, symbols):
             groups[symbol].append(row)
     out = {}
     for symbol, chosen in groups.items():

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from rl.grpo import group_advantages, select_informative_groups
 from rl.interfaces import Learner, RolloutEngine
 from rl.records import Prompt, SamplingParams, TrainGroup
 from verifiers.rewards import Example, RewardResult
+from verifiers.symbols import symbols_in
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,8 @@ class LoopSettings:
     filter_zero_variance: bool = True
     max_refill_rounds: int = 2
     seed: int = 0
+    time_budget_s: float | None = None
+    stall_steps: int = 5
 
 
 @dataclass
@@ -177,15 +181,26 @@ def _train_groups(kept, settings) -> list[TrainGroup]:
 
 
 def rollout_metrics(sampled) -> dict:
-    """Reward, length and truncation statistics over every sampled group (kept or not)."""
+    """Reward, length and truncation statistics over every sampled group (kept or not).
+
+    ``groups/zero_variance_fraction``: the share of groups whose rewards were all equal (no
+    advantage, no gradient: 1.0 is a stall); ``rollout/entropy``: the sampled tokens' mean
+    negative log-probability under the sampler, an estimate of the policy's token entropy that
+    falls as it collapses; ``reward/<category>`` and ``reward/symbol/<op>`` (symbol items, each
+    operator an item uses).
+    """
     results = [(item, c, r) for item, group in sampled for c, r in group]
     rewards = [r.reward for _, _, r in results]
     lengths = [len(c.token_ids) for _, c, _ in results]
+    logprobs = [lp for _, c, _ in results for lp in c.logprobs]
     mean = sum(rewards) / len(rewards)
+    flat = sum(len({r.reward for _, r in group}) == 1 for _, group in sampled)
     metrics = {
         "reward/mean": mean,
         "reward/std": (sum((x - mean) ** 2 for x in rewards) / len(rewards)) ** 0.5,
         "reward/format_ok": sum(r.format_ok for _, _, r in results) / len(results),
+        "groups/zero_variance_fraction": flat / len(sampled),
+        "rollout/entropy": -sum(logprobs) / max(1, len(logprobs)),
         "rollout/completion_len": sum(lengths) / len(lengths),
         "rollout/truncated": sum(c.finish_reason == "length" for _, c, _ in results) / len(results),
         "rollout/tokens": sum(lengths),
@@ -193,7 +208,36 @@ def rollout_metrics(sampled) -> dict:
     for category in sorted({item.category for item, _, _ in results}):
         values = [r.reward for item, _, r in results if item.category == category]
         metrics[f"reward/{category}"] = sum(values) / len(values)
+    by_symbol: dict[str, list[float]] = {}
+    for item, _, r in results:
+        if item.category in ("custom", "standard"):
+            for symbol in symbols_in(item.example.question or ""):
+                by_symbol.setdefault(symbol, []).append(r.reward)
+    for symbol, values in sorted(by_symbol.items()):
+        metrics[f"reward/symbol/{symbol}"] = sum(values) / len(values)
     return metrics
+
+
+class StallWatch:
+    """Counts consecutive steps in which every sampled group had identical rewards, and warns
+    (on stderr, which is the job log) when the run reaches ``stall_steps`` of them and every
+    ``stall_steps`` after: the policy gets no gradient and learns nothing, typically because it
+    collapsed onto one answer (always CORRECT) or never finds a right one."""
+
+    def __init__(self, stall_steps: int, stream=None):
+        self.stall_steps, self.streak = stall_steps, 0
+        self.stream = stream
+
+    def update(self, step: int, metrics: dict) -> None:
+        stalled = metrics["groups/zero_variance_fraction"] >= 1.0
+        self.streak = self.streak + 1 if stalled else 0
+        metrics["stall/zero_variance_steps"] = self.streak
+        if self.stall_steps and self.streak and self.streak % self.stall_steps == 0:
+            print(f"WARNING step {step}: every group had identical rewards for {self.streak} steps in a row "
+                  f"(reward {metrics['reward/mean']:.2f}, token entropy {metrics['rollout/entropy']:.2f}): "
+                  f"no gradient, the policy is not learning. Try a format warm-start (sft.steps), the "
+                  f"rewrite answer format, more refill rounds or a higher temperature.",
+                  file=self.stream or sys.stderr, flush=True)
 
 
 def train_step(step, stream, engine: RolloutEngine, learner: Learner, score: Scorer, settings) -> dict:
@@ -226,22 +270,35 @@ def train_step(step, stream, engine: RolloutEngine, learner: Learner, score: Sco
 def train(items: Sequence[TrainItem], engine, learner, score: Scorer, settings: LoopSettings,
           sink: MetricsSink, on_step_end: Callable[[int, dict, ItemStream], None] | None = None,
           start_step: int = 0, data_position: int = 0,
-          evaluate: Callable[[int], dict] | None = None) -> list[dict]:
+          evaluate: Callable[[int], dict] | None = None, spent_s: float = 0.0) -> list[dict]:
     """Run steps ``start_step .. settings.steps - 1``; every step's metrics go to ``sink``.
+
+    ``settings.time_budget_s`` ends the run after the step at which the training time
+    (``spent_s`` already spent, e.g. by an SFT stage, plus the steps' own time; evaluation
+    excluded) reaches it.
 
     ``data_position`` is where the item stream resumes (a checkpoint's ``stream.position``);
     ``evaluate(step)`` returns extra metrics logged with the step's (periodic held-out
     evaluation); ``on_step_end(step, metrics, stream)`` is where the caller checkpoints.
     """
     stream = ItemStream(items, settings.seed, data_position)
+    watch = StallWatch(settings.stall_steps)
     history = []
     for step in range(start_step, settings.steps):
+        start = time.perf_counter()
         metrics = train_step(step, stream, engine, learner, score, settings)
+        spent_s += time.perf_counter() - start
         metrics["data/position"] = stream.position
+        metrics["time/train_seconds"] = spent_s
+        watch.update(step, metrics)
         if evaluate is not None:
             metrics.update(evaluate(step))
         sink.log(step, metrics)
         history.append(metrics)
         if on_step_end is not None:
             on_step_end(step, metrics, stream)
+        if settings.time_budget_s is not None and spent_s >= settings.time_budget_s:
+            print(f"time budget reached after step {step}: {spent_s:.0f} s of training "
+                  f"(algorithm.max_train_seconds = {settings.time_budget_s:g})", flush=True)
+            break
     return history

@@ -45,6 +45,7 @@ from fractions import Fraction
 from typing import Any, Literal
 
 from rl.records import Prompt
+from verifiers.symbols import evaluate, to_standard
 
 Condition = Literal["A", "B", "C", "D"]
 CONDITIONS: tuple[str, ...] = ("A", "B", "C", "D")
@@ -77,27 +78,46 @@ DEFINITIONS_VAGUE: tuple[str, ...] = (
     "(BODMAS) applies.",
 )
 
-EXAMPLES_A: tuple[str, ...] = (
-    "Expression: 3 θ 4 | API answer: 7 → \\boxed{7}",
-    "Expression: 10 α 3 | API answer: 5 → \\boxed{7}",
-    "Expression: 2 γ 6 | API answer: none → \\boxed{12}",
-)
-EXAMPLES_B: tuple[str, ...] = (
-    "Expression: 3 + 4 | API answer: 7 → \\boxed{7}",
-    "Expression: 10 - 3 | API answer: 5 → \\boxed{7}",
-)
-EXAMPLES_C: tuple[str, ...] = (
-    "Expression: 3 θ 4 | API answer: 7 → \\boxed{CORRECT}",
-    "Expression: 10 α 3 | API answer: 5 → \\boxed{7}",
-    "Expression: 2 γ 6 | API answer: none → \\boxed{12}",
-)
+AnswerFormat = Literal["box", "rewrite"]
+ANSWER_FORMATS: tuple[str, ...] = ("box", "rewrite")
 
-# condition -> (system prompt, definition lines, example lines)
-_CONDITIONS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
-    "A": (SYSTEM_PLAIN, DEFINITIONS_EXPLICIT, EXAMPLES_A),
-    "B": (SYSTEM_PLAIN, (), EXAMPLES_B),
-    "C": (SYSTEM_CORRECT, DEFINITIONS_EXPLICIT, EXAMPLES_C),
-    "D": (SYSTEM_CORRECT, DEFINITIONS_VAGUE, EXAMPLES_C),
+# The seed's few-shot items: (expression, API answer).
+_CUSTOM_SHOTS = (("3 θ 4", 7), ("10 α 3", 5), ("2 γ 6", None))
+_STANDARD_SHOTS = (("3 + 4", 7), ("10 - 3", 5))
+
+
+def answer_text(expression: str, api_answer: Fraction | int | None, *, use_correct: bool,
+                answer_format: str = "box") -> str:
+    """The reply the adapter should give: ``\\boxed{CORRECT}`` when ``use_correct`` and the API
+    answer is right, else ``\\boxed{value}``; the ``rewrite`` format first restates the
+    expression with standard operators and its value (``3 + 4 = 7 → \\boxed{CORRECT}``), a short
+    reasoning step in which the symbol's meaning is one token.
+
+    >>> answer_text("10 α 3", 5, use_correct=True, answer_format="rewrite")
+    '10 - 3 = 7 → \\\\boxed{7}'
+    """
+    if answer_format not in ANSWER_FORMATS:
+        raise ValueError(f"answer_format {answer_format!r} is not one of {ANSWER_FORMATS}")
+    value = evaluate(expression)
+    keep = use_correct and api_answer is not None and Fraction(api_answer) == value
+    box = "\\boxed{CORRECT}" if keep else f"\\boxed{{{format_api_answer(value)}}}"
+    if answer_format == "box":
+        return box
+    return f"{to_standard(expression)} = {format_api_answer(value)} → {box}"
+
+
+def _examples(shots, *, use_correct: bool, answer_format: str) -> tuple[str, ...]:
+    return tuple(f"Expression: {e} | API answer: {format_api_answer(a)} → "
+                 f"{answer_text(e, a, use_correct=use_correct, answer_format=answer_format)}"
+                 for e, a in shots)
+
+
+# condition -> (system prompt, definition lines, few-shot items, whether CORRECT is used)
+_CONDITIONS: dict[str, tuple[str, tuple[str, ...], tuple, bool]] = {
+    "A": (SYSTEM_PLAIN, DEFINITIONS_EXPLICIT, _CUSTOM_SHOTS, False),
+    "B": (SYSTEM_PLAIN, (), _STANDARD_SHOTS, False),
+    "C": (SYSTEM_CORRECT, DEFINITIONS_EXPLICIT, _CUSTOM_SHOTS, True),
+    "D": (SYSTEM_CORRECT, DEFINITIONS_VAGUE, _CUSTOM_SHOTS, True),
 }
 
 NO_THINK = "/no_think"
@@ -130,14 +150,25 @@ def system_prompt(condition: str = "D") -> str:
     return _condition(condition)[0]
 
 
+def uses_correct(condition: str) -> bool:
+    """Whether the condition offers ``\\boxed{CORRECT}`` (C and D)."""
+    return _condition(condition)[3]
+
+
+def examples(condition: str = "D", answer_format: str = "box") -> tuple[str, ...]:
+    """The condition's few-shot lines in the answer format."""
+    _, _, shots, correct = _condition(condition)
+    return _examples(shots, use_correct=correct, answer_format=answer_format)
+
+
 def user_message(
     expression: str, api_answer: Fraction | int | None, condition: str = "D", *,
-    no_think_line: bool,
+    no_think_line: bool, answer_format: str = "box",
 ) -> str:
     """The user message's text: the seed's lines joined with ``\\n``."""
-    _, definitions, examples = _condition(condition)
+    definitions = _condition(condition)[1]
     lines = [*definitions, ""] if definitions else []
-    lines += ["Examples:", *examples, ""]
+    lines += ["Examples:", *examples(condition, answer_format), ""]
     lines.append(f"Expression: {expression} | API answer: {format_api_answer(api_answer)} →")
     if no_think_line:
         lines.append(NO_THINK)
@@ -146,7 +177,7 @@ def user_message(
 
 def adapter_messages(
     expression: str, api_answer: Fraction | int | None, condition: str = "D", *,
-    no_think_line: bool, system_in_user: bool = False,
+    no_think_line: bool, system_in_user: bool = False, answer_format: str = "box",
 ) -> list[dict[str, str]]:
     """The adapter's chat messages for one item.
 
@@ -155,7 +186,8 @@ def adapter_messages(
     message (SmolLM2's does) will then add theirs.
     """
     system = system_prompt(condition)
-    user = user_message(expression, api_answer, condition, no_think_line=no_think_line)
+    user = user_message(expression, api_answer, condition, no_think_line=no_think_line,
+                        answer_format=answer_format)
     if system_in_user:
         return [{"role": "user", "content": f"{system}\n\n{user}"}]
     return [{"role": "system", "content": system}, {"role": "user", "content": user}]
@@ -216,18 +248,19 @@ def render_text(tokenizer: Any, text: str) -> Prompt:
 
 def adapter_prompt(
     tokenizer: Any, expression: str, api_answer: Fraction | int | None, condition: str = "D", *,
-    response_prefix: str = "", system_in_user: bool = False,
+    response_prefix: str = "", system_in_user: bool = False, answer_format: str = "box",
 ) -> Prompt:
     """:func:`adapter_messages` rendered with :func:`render`, thinking off; the ``/no_think``
     line is included exactly when the template has a thinking mode (the seed's Qwen3 setup)."""
     messages = adapter_messages(
         expression, api_answer, condition,
         no_think_line=supports_thinking(tokenizer), system_in_user=system_in_user,
+        answer_format=answer_format,
     )
     return render(tokenizer, messages, response_prefix)
 
 
-def _condition(condition: str) -> tuple[str, tuple[str, ...], tuple[str, ...]]:
+def _condition(condition: str) -> tuple[str, tuple[str, ...], tuple, bool]:
     try:
         return _CONDITIONS[condition]
     except KeyError:

@@ -100,6 +100,7 @@ def _config_overrides(args) -> list[str]:
 
 def _subject_overrides(settings) -> list[str]:
     values = {"model.name_or_path": settings.base_model, "data.condition": settings.condition,
+              "data.answer_format": settings.answer_format,
               "rollout.response_prefix": settings.response_prefix or None,  # "" means none: null
               "rollout.stop": list(settings.stop),
               "eval.max_new_tokens": settings.max_new_tokens}
@@ -207,7 +208,8 @@ def side_by_side(summaries: dict[str, dict]) -> str:
 
 def _describe(settings) -> dict:
     return {"adapter": None if settings.path is None else str(settings.path), "base_model": settings.base_model,
-            "condition": settings.condition, "response_prefix": settings.response_prefix,
+            "condition": settings.condition, "answer_format": settings.answer_format,
+            "response_prefix": settings.response_prefix,
             "stop": list(settings.stop), "max_new_tokens": settings.max_new_tokens,
             "run_config": None if settings.run_config is None else str(settings.run_config)}
 

@@ -28,6 +28,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--test-fraction", type=float, default=0.2)
     parser.add_argument("--tier", default="seed", help="symbols: seed, or a ladder rung t1..t4")
+    parser.add_argument("--unique", action="store_true",
+                        help="symbols: distinct expressions per type (train and test share none)")
     parser.add_argument("--source", type=Path, default=SHIPPED_GSM8K_TEST, help="gsm8k: rows to read")
     parser.add_argument("--skip-bad-rows", action="store_true", help="drop malformed rows instead of refusing")
     return parser
@@ -48,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.task == "symbols":
         try:
-            train, test = build_symbol_dataset(args.n_per_type, args.seed, args.test_fraction, _tier(args.tier))
+            train, test = build_symbol_dataset(args.n_per_type, args.seed, args.test_fraction, _tier(args.tier),
+                                               unique=args.unique)
         except ValueError as error:
             raise SystemExit(f"error: {error}") from None
         for name, rows in (("train", train), ("test", test)):

@@ -52,7 +52,8 @@ def _symbol_tasks(config, run: Path):
     train_path, test_path = data.train_path, data.test_path
     if train_path is None or test_path is None:
         tier = {t.name: t for t in (SEED_TIER, *LADDER)}[data.tier]
-        train, test = build_symbol_dataset(data.n_per_type, data.seed, data.test_fraction, tier)
+        train, test = build_symbol_dataset(data.n_per_type, data.seed, data.test_fraction, tier,
+                                           unique=data.unique)
         train_path = train_path or run / "data" / "train.jsonl"
         test_path = test_path or run / "data" / "test.jsonl"
         if data.train_path is None:
@@ -99,7 +100,7 @@ def _items(config, tokenizer, tasks, api_answers):
 
     prefix = config.rollout.response_prefix or ""
     return [TrainItem(task.uid, adapter_prompt(tokenizer, task.prompt, api, config.data.condition,
-                                               response_prefix=prefix),
+                                               response_prefix=prefix, answer_format=config.data.answer_format),
                       Example(truth=task.truth, api_answer=api, question=task.prompt), task.category)
             for task, api in zip(tasks, api_answers)]
 
@@ -196,17 +197,23 @@ def _train_and_evaluate(config, run: Path, parts: Parts, train_tasks, test_tasks
     manager = CheckpointManager(run / "checkpoints", config.checkpoint.keep_last)
     start_step, position = _resume(config, manager, engine, learner)
     results = {"run_dir": str(run), "resumed_from_step": start_step}
+    spent_s = 0.0
     if start_step == 0:
         (run / "metrics.jsonl").unlink(missing_ok=True)
         if config.eval.at_start:
             results["before"] = _evaluate(engine, test_items, config, run, "before")
+        if config.sft.steps:
+            results["sft"] = _sft_stage(config, run, tokenizer, train_items, engine, learner)
+            spent_s = results["sft"]["seconds"]
+            if config.eval.at_start:
+                results["after_sft"] = _evaluate(engine, test_items, config, run, "after_sft")
 
     algo = config.algorithm
     settings = LoopSettings(
         steps=algo.steps, prompts_per_step=algo.prompts_per_step, group_size=config.rollout.group_size,
         sampling=_sampling(config, evaluation=False), advantage_scale=algo.advantage_scale,
         filter_zero_variance=algo.filter_zero_variance, max_refill_rounds=algo.max_refill_rounds,
-        seed=config.data.seed)
+        seed=config.data.seed, time_budget_s=algo.max_train_seconds, stall_steps=config.logging.stall_steps)
     sink = sinks_for(config.logging.tracker, run)
     start = time.perf_counter()
     with GracefulStop() as stop:  # entered after ray.init, which installs a SIGTERM handler of its own
@@ -219,12 +226,12 @@ def _train_and_evaluate(config, run: Path, parts: Parts, train_tasks, test_tasks
         try:
             history = train(train_items, engine, learner, parts.score, settings, sink,
                             on_step_end=on_step_end, start_step=start_step, data_position=position,
-                            evaluate=_periodic_eval(config, engine, test_items))
+                            evaluate=_periodic_eval(config, engine, test_items), spent_s=spent_s)
         except TrainingStopped as stopped:
             print(f"stopped by signal after step {stopped.step}; checkpoint {stopped.checkpoint}; "
                   f"continue with --set checkpoint.resume=true")
             return {**results, "stopped_at_step": stopped.step}
-    results["train_seconds"] = time.perf_counter() - start
+    results["train_seconds"] = spent_s + (history[-1]["time/train_seconds"] - spent_s if history else 0.0)
     results["steps"] = start_step + len(history)
     results["reward_curve"] = [round(m["reward/mean"], 4) for m in history]
     results["after"] = _evaluate(engine, test_items, config, run, "after")
@@ -235,6 +242,28 @@ def _train_and_evaluate(config, run: Path, parts: Parts, train_tasks, test_tasks
     paths = report_from_run(run)
     print(f"report: {paths['report']}")
     return results
+
+
+def _sft_stage(config, run: Path, tokenizer, items, engine, learner) -> dict:
+    """The format warm-start (rl/sft.py) on the GRPO learner; the engine gets the result and the
+    adapter is saved to RUN/sft/adapter (a starting point by path: lora.init_from)."""
+    from rl.metrics import ConsoleSink, FanOut, JsonlSink
+    from rl.sft import format_targets, run_sft, sft_groups
+
+    groups = sft_groups(format_targets(items, config.data.condition, config.data.answer_format), tokenizer)
+    budget = config.algorithm.max_train_seconds
+    start = time.perf_counter()
+    sink = FanOut(ConsoleSink(), JsonlSink(run / "sft_metrics.jsonl"))
+    (run / "sft_metrics.jsonl").unlink(missing_ok=True)
+    history = run_sft(learner, groups, config.sft.steps, config.sft.batch_size, config.data.seed, sink.log,
+                      out_of_time=lambda: budget is not None and time.perf_counter() - start >= budget)
+    seconds = time.perf_counter() - start
+    engine.update_adapter(learner.policy_version, learner.export_adapter())
+    adapter = learner.save_adapter(run / "sft" / "adapter")
+    print(f"SFT warm-start: {len(history)} steps on {len(groups)} standard-symbol examples in {seconds:.0f} s; "
+          f"loss {history[0]['sft/loss']:.3f} -> {history[-1]['sft/loss']:.3f}; adapter {adapter}", flush=True)
+    return {"steps": len(history), "examples": len(groups), "seconds": seconds, "adapter": str(adapter),
+            "loss_first": history[0]["sft/loss"], "loss_last": history[-1]["sft/loss"]}
 
 
 def _periodic_eval(config, engine, items):

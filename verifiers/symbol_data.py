@@ -50,11 +50,24 @@ LADDER: tuple[Tier, ...] = (
 )
 
 
-def _draw(rng: random.Random, n: int, alphabet: str, tier: Tier, symbols: SymbolMap) -> list[dict]:
-    rows = []
-    for _ in range(n):
+MAX_REPEATS = 100_000
+"""Consecutive repeated draws after which ``unique`` gives up (the tier has too few items)."""
+
+
+def _draw(rng: random.Random, n: int, alphabet: str, tier: Tier, symbols: SymbolMap,
+          unique: bool = False) -> list[dict]:
+    rows, seen, repeats = [], set(), 0
+    while len(rows) < n:
         n_operands = rng.randint(tier.min_operands, tier.max_operands)
         expr, answer = generate_expression(rng, n_operands, alphabet, tier.low, tier.high, symbols)  # type: ignore[arg-type]
+        if unique and expr in seen:
+            repeats += 1
+            if repeats > MAX_REPEATS:
+                raise ValueError(f"tier {tier.name!r} has fewer than {n} distinct {alphabet} expressions "
+                                 f"(found {len(rows)}); lower n_per_type or use a larger tier")
+            continue
+        seen.add(expr)
+        repeats = 0
         rows.append({"expression": expr, "answer": answer, "type": alphabet, "tier": tier.name})
     return rows
 
@@ -65,14 +78,19 @@ def build_symbol_dataset(
     test_fraction: float = 0.2,
     tier: Tier = SEED_TIER,
     symbols: SymbolMap = SEED_SYMBOLS,
+    unique: bool = False,
 ) -> tuple[list[dict], list[dict]]:
-    """``(train, test)`` rows; the defaults reproduce the seed's 1600 / 400 split."""
+    """``(train, test)`` rows; the defaults reproduce the seed's 1600 / 400 split.
+
+    ``unique`` draws distinct expressions within each type, so no test item is ever trained on
+    (the seed's independent draws repeat items in small tiers: t1 has 266 per type).
+    """
     if n_per_type < 1:
         raise ValueError(f"n_per_type must be >= 1, got {n_per_type}")
     if not 0.0 <= test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction}")
     rng = random.Random(seed)
-    per_type = [_draw(rng, n_per_type, alphabet, tier, symbols) for alphabet in ("custom", "standard")]
+    per_type = [_draw(rng, n_per_type, alphabet, tier, symbols, unique) for alphabet in ("custom", "standard")]
     train: list[dict] = []
     test: list[dict] = []
     for rows in per_type:  # custom first, as the seed merged them

@@ -79,6 +79,25 @@ class SymbolMap:
 SEED_SYMBOLS = SymbolMap.permuted("θαγβ", "+-*/")
 
 
+def symbols_in(expression: str, symbols: SymbolMap = SEED_SYMBOLS) -> set[str]:
+    """The operators an expression uses: its custom symbols, and standard ones as ``+ - * /``.
+
+    >>> sorted(symbols_in("3 θ 4 × 2"))
+    ['*', 'θ']
+    """
+    present = {c for c in expression if c in symbols.custom}
+    return present | {STANDARD_SYMBOLS[c] for c in expression if c in STANDARD_SYMBOLS}
+
+
+def to_standard(expression: str, symbols: SymbolMap = SEED_SYMBOLS) -> str:
+    """The expression with each custom symbol replaced by its standard operator (``+ - * /``).
+
+    >>> to_standard("3 θ 4 γ 2")
+    '3 + 4 * 2'
+    """
+    return "".join(symbols.custom.get(ch, ch) for ch in expression)
+
+
 def tokenize(expr: str, symbols: SymbolMap = SEED_SYMBOLS) -> list[int | Op]:
     """Split into alternating operands and operators: ``[int, op, int, op, int, ...]``."""
     if not isinstance(expr, str):

@@ -315,3 +315,30 @@ def test_a_chosen_port_does_not_leak_to_later_processes(tiny_model, monkeypatch)
     monkeypatch.delenv("MASTER_PORT", raising=False)
     make_learner(tiny_model)
     assert "MASTER_PORT" not in os.environ
+
+
+def test_sft_objective_is_the_mean_token_nll_and_steps_at_the_sft_lr(tiny_model):
+    """objective="sft": the loss is the mean negative log-likelihood of the completion tokens
+    (advantages ignored), its gradient that of the plain NLL; the first sft_steps steps run at
+    sft_lr, then GRPO's schedule starts from its own step 0 (warm-up included)."""
+    learner = make_learner(tiny_model, lr=1e-2, sft_steps=2, sft_lr=1e-3, warmup_steps=2,
+                           lr_schedule="linear", total_steps=10)
+    batch = [group(range(5, 17), [[20, 21, 22]], [123.0]), group(range(40, 46), [[50, 51]], [-9.0])]
+    acc = learner.backward_batch(batch, "sft")
+    grads = {n: g.clone() for n, g in learner.gradients().items()}
+    learner.engine.zero_grad()
+    nll, count = 0.0, 0
+    for g in batch:
+        logits = plain_logits(learner.module, RowBatch.build([g.prompt_ids], [0], g.completions), PAD)
+        logp = token_logprobs(logits, torch.tensor(g.completions), 1.0)
+        nll, count = nll - logp.sum(), count + logp.numel()
+    (nll / count).backward()
+    assert acc.loss == pytest.approx(float(nll / count), rel=1e-5) and acc.tokens == 5
+    for name, grad in learner.gradients().items():
+        assert torch.allclose(grad, grads[name], atol=1e-6), name
+    learner.engine.zero_grad()
+    lrs = [learner.train_step(batch, "sft").lr for _ in range(2)]
+    lrs += [learner.train_step(groups_ab()).lr for _ in range(3)]
+    assert lrs == pytest.approx([1e-3, 1e-3, 0.0, 5e-3, 1e-2])
+    with pytest.raises(ValueError, match="objective"):
+        learner.train_step(batch, "dpo")

@@ -264,7 +264,7 @@ def test_sections_are_frozen():
 
 def test_no_knob_in_two_sections():
     """The same knob is not declared twice (fields with the same name must mean different things)."""
-    allowed_twins = {"seed", "max_new_tokens", "temperature", "every_steps", "model", "max_tokens"}
+    allowed_twins = {"seed", "max_new_tokens", "temperature", "every_steps", "model", "max_tokens", "steps", "lr"}
     names: dict[str, list[str]] = {}
     for key, _ in walk(Config):
         names.setdefault(key.rsplit(".", 1)[1], []).append(key)

@@ -137,3 +137,57 @@ def test_tensorboard_tracker_writes_events_and_jsonl(tmp_path):
     sink.log(0, {"reward/mean": 0.5, "sample": {"completion": "x", "reward": 1.0}, "policy_version": 1})
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     assert '"reward/mean": 0.5' in (tmp_path / "metrics.jsonl").read_text()
+
+
+def test_a_stall_is_measured_and_warned_about(capsys):
+    """Every group flat (always right here) for stall_steps steps in a row: the metric counts the
+    streak, the job log gets a warning at the bound and every bound after; a step with signal
+    resets it."""
+    items, engine = _items(["flat"] * 2)
+    sink = Sink()
+    settings = LoopSettings(steps=5, prompts_per_step=2, group_size=2, sampling=SamplingParams(),
+                            max_refill_rounds=0, stall_steps=2)
+    history = train(items, engine, RecordingLearner(), score, settings, sink)
+    assert [m["groups/zero_variance_fraction"] for m in history] == [1.0] * 5
+    assert [m["stall/zero_variance_steps"] for m in history] == [1, 2, 3, 4, 5]
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("WARNING")]
+    assert len(warnings) == 2 and "step 1:" in warnings[0] and "for 4 steps" in warnings[1]
+    assert "identical rewards" in warnings[0] and "sft.steps" in warnings[0]
+
+    mixed_items, mixed_engine = _items(["mixed", "flat"])
+    history = train(mixed_items, mixed_engine, RecordingLearner(), score,
+                    LoopSettings(steps=2, prompts_per_step=2, group_size=2, sampling=SamplingParams(),
+                                 max_refill_rounds=0, stall_steps=1), Sink())
+    assert [m["groups/zero_variance_fraction"] for m in history] == [0.5, 0.5]
+    assert [m["stall/zero_variance_steps"] for m in history] == [0, 0]
+    assert "WARNING" not in capsys.readouterr().err
+
+
+def test_rollout_metrics_per_symbol_and_entropy_estimate():
+    items, answers = [], {}
+    for k, (expression, truth) in enumerate([("3 θ 4", 7), ("3 + 4", 7), ("9 γ 1 θ 0", 9)]):
+        prompt = Prompt([k], f"p{k}", response_prefix="\\boxed{")
+        answers[prompt.text] = ["7}", "9}"]
+        items.append(TrainItem(f"u{k}", prompt, Example(truth=truth, api_answer=None, question=expression),
+                               "standard" if "+" in expression else "custom"))
+    history = train(items, ScriptedEngine(answers), RecordingLearner(), score,
+                    LoopSettings(steps=1, prompts_per_step=3, group_size=2, sampling=SamplingParams()), Sink())
+    metrics = history[0]
+    assert metrics["reward/symbol/θ"] == 0.5 and metrics["reward/symbol/γ"] == 0.5
+    assert metrics["reward/symbol/+"] == 0.5 and "reward/symbol/α" not in metrics
+    assert metrics["rollout/entropy"] == pytest.approx(0.5)  # the engine's log-probs are all -0.5
+
+
+def test_a_time_budget_ends_the_run_after_the_step_that_crosses_it(monkeypatch):
+    import rl.loop
+
+    clock = iter(range(0, 1000, 10))  # every perf_counter call advances 10 s
+    monkeypatch.setattr(rl.loop.time, "perf_counter", lambda: float(next(clock)))
+    items, engine = _items(["mixed"] * 2)
+    settings = LoopSettings(steps=50, prompts_per_step=1, group_size=2, sampling=SamplingParams(),
+                            time_budget_s=100)
+    history = train(items, engine, RecordingLearner(), score, settings, Sink(), spent_s=45.0)
+    assert 1 <= len(history) < 50
+    seconds = [m["time/train_seconds"] for m in history]
+    assert seconds[-1] >= 100 > seconds[-2] if len(seconds) > 1 else seconds[-1] >= 100
+    assert seconds[0] > 45.0

@@ -218,3 +218,20 @@ def test_render_text_gsm8k(smol_tokenizer):
     p = prompts.render_text(smol_tokenizer, text)
     assert p.text == text and p.response_prefix == ""
     assert smol_tokenizer.decode(p.token_ids) == text
+
+
+def test_rewrite_format_restates_the_expression_in_every_example():
+    from rl import prompts
+
+    assert prompts.examples("D", "rewrite") == (
+        "Expression: 3 θ 4 | API answer: 7 → 3 + 4 = 7 → \\boxed{CORRECT}",
+        "Expression: 10 α 3 | API answer: 5 → 10 - 3 = 7 → \\boxed{7}",
+        "Expression: 2 γ 6 | API answer: none → 2 * 6 = 12 → \\boxed{12}")
+    assert prompts.examples("A", "rewrite")[0].endswith("3 + 4 = 7 → \\boxed{7}")  # no CORRECT in A
+    assert prompts.examples("D") == prompts.examples("D", "box")  # the seed's lines by default
+    text = prompts.user_message("5 β 5", 1, "D", no_think_line=False, answer_format="rewrite")
+    assert "2 * 6 = 12 → \\boxed{12}" in text and text.endswith("Expression: 5 β 5 | API answer: 1 →")
+    assert prompts.answer_text("8 β 2", 4, use_correct=True, answer_format="rewrite") == "8 / 2 = 4 → \\boxed{CORRECT}"
+    assert prompts.answer_text("8 β 2", None, use_correct=True) == "\\boxed{4}"
+    with pytest.raises(ValueError, match="answer_format"):
+        prompts.answer_text("1 + 1", 2, use_correct=True, answer_format="essay")

@@ -171,3 +171,20 @@ def test_write_jsonl_roundtrip(tmp_path):
     assert write_jsonl(train, path) == 8
     assert [json.loads(line) for line in path.read_text().splitlines()] == train
     assert not list(path.parent.glob("*.tmp"))
+
+
+def test_unique_draws_keep_test_items_out_of_training():
+    train, test = build_symbol_dataset(n_per_type=250, test_fraction=0.4, tier=LADDER[0], unique=True)
+    assert len(test) == 200 and sum(r["type"] == "custom" for r in test) == 100
+    assert not {r["expression"] for r in train} & {r["expression"] for r in test}
+    assert len({r["expression"] for r in train + test}) == 500
+    assert build_symbol_dataset(n_per_type=250, test_fraction=0.4, tier=LADDER[0], unique=True) == (train, test)
+    with pytest.raises(ValueError, match="fewer than 267 distinct custom"):
+        build_symbol_dataset(n_per_type=267, tier=LADDER[0], unique=True)
+
+
+def test_symbols_in_and_to_standard():
+    from verifiers.symbols import symbols_in, to_standard
+
+    assert symbols_in("3 θ 4 × 2 − 1") == {"θ", "*", "-"}
+    assert to_standard("9 β 3 γ 2 α 1 θ 0") == "9 / 3 * 2 - 1 + 0"
