@@ -333,6 +333,8 @@ class Learner:
         tokens, lengths = batch.completion_tokens(self.device, self.pad_id)
         truncated = torch.tensor([t for u in units for t in u.truncated], device=self.device)
         mask = completion_mask(lengths, tokens.shape[1], truncated, self.mask_truncated)
+        context = torch.tensor([k for u in units for k in u.context], device=self.device)
+        mask &= torch.arange(tokens.shape[1], device=self.device) >= context[:, None]
         adv = torch.tensor([a for u in units for a in u.advantages], device=self.device)
         rollout = None
         if self.tis_cap is not None and with_rollout:

@@ -186,6 +186,7 @@ class Unit:
     advantages: tuple[float, ...]
     rollout_logprobs: tuple[tuple[float, ...], ...]
     truncated: tuple[bool, ...]
+    context: tuple[int, ...]
 
 
 def batch_cost(units: Sequence[Unit], shared_prefix: bool) -> int:
@@ -202,11 +203,15 @@ def split_group(group: TrainGroup, budget: int, shared_prefix: bool) -> list[Uni
     """The group as one unit, or sliced into as few units as fit the budget (>= 1 row each)."""
     n = len(group.completions)
     rollout = group.rollout_logprobs or [[] for _ in range(n)]  # none: no TIS possible
-    if not n == len(group.advantages) == len(group.truncated) == len(rollout):
-        raise ValueError("a TrainGroup needs one advantage, truncated flag and rollout log-prob "
-                         "list per completion")
+    context = group.context or [0] * n
+    if not n == len(group.advantages) == len(group.truncated) == len(rollout) == len(context):
+        raise ValueError("a TrainGroup needs one advantage, truncated flag, rollout log-prob "
+                         "list (and context count, if any) per completion")
+    if any(not 0 <= k < len(c) for k, c in zip(context, group.completions)):
+        raise ValueError("a completion's context must leave at least one token to train on")
     whole = Unit(tuple(group.prompt_ids), tuple(map(tuple, group.completions)),
-                 tuple(group.advantages), tuple(map(tuple, rollout)), tuple(group.truncated))
+                 tuple(group.advantages), tuple(map(tuple, rollout)), tuple(group.truncated),
+                 tuple(context))
     size = n
     while size > 1 and batch_cost([_slice(whole, 0, size)], shared_prefix) > budget:
         size -= 1
@@ -215,7 +220,7 @@ def split_group(group: TrainGroup, budget: int, shared_prefix: bool) -> list[Uni
 
 def _slice(u: Unit, a: int, b: int) -> Unit:
     return Unit(u.prompt, u.completions[a:b], u.advantages[a:b], u.rollout_logprobs[a:b],
-                u.truncated[a:b])
+                u.truncated[a:b], u.context[a:b])
 
 
 def pack_micro_batches(groups: Sequence[TrainGroup], budget: int,

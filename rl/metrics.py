@@ -11,8 +11,10 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
-CONSOLE_KEYS = ("reward/mean", "groups/kept", "learn/loss", "learn/kl", "rollout/completion_len")
-LABELS = {"reward/mean": "reward", "rollout/completion_len": "len"}
+CONSOLE_KEYS = ("reward/mean", "groups/kept", "learn/loss", "learn/kl", "rollout/completion_len", "sft/loss",
+                "eval/custom", "eval/standard")
+LABELS = {"reward/mean": "reward", "rollout/completion_len": "len", "sft/loss": "sft_loss",
+          "eval/custom": "eval_custom", "eval/standard": "eval_standard"}
 
 
 class NullSink:

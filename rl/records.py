@@ -66,7 +66,10 @@ class TrainGroup:
 
     prompt_ids: [P]; completions: G token lists [C_i]; advantages: [G];
     rollout_logprobs: G lists [C_i] from the sampler (for truncated importance sampling);
-    truncated: [G] whether each completion hit the length limit.
+    truncated: [G] whether each completion hit the length limit; context: [G] or empty, how
+    many leading tokens of each completion are context, fed to the model but not trained on
+    (the rest of a prompt whose head several prompts share: they then form one group whose
+    prompt is the head).
     """
 
     prompt_ids: list[int]
@@ -76,3 +79,4 @@ class TrainGroup:
     truncated: list[bool]
     policy_version: int
     rewards: list[float] = field(default_factory=list)
+    context: list[int] = field(default_factory=list)

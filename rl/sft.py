@@ -11,8 +11,10 @@ Targets are :func:`rl.prompts.answer_text`, the reply the condition's few-shot l
 (CORRECT when the API's answer is right and the condition offers it), minus the prompt's
 response prefix; they end with the box's ``}``, where the rollout's stop string ends a
 completion. A step is one :meth:`Learner.train_step` with ``objective="sft"`` (mean token NLL of
-the targets) over ``batch_size`` examples drawn in seeded, reshuffled epochs; the learning rate
-is ``sft.lr``, constant, before GRPO's schedule starts (actors/learner.py).
+the targets) over ``batch_size`` examples drawn in seeded, reshuffled epochs and merged on the
+prompt head they share (:func:`merge_on_shared_head`: ~5x fewer tokens through the model on the
+adapter prompt); the learning rate is ``sft.lr``, constant, before GRPO's schedule starts
+(actors/learner.py).
 """
 
 from __future__ import annotations
@@ -53,10 +55,30 @@ def sft_groups(pairs: Sequence[tuple[Any, str]], tokenizer: Any) -> list[TrainGr
     return groups
 
 
+def merge_on_shared_head(groups: Sequence[TrainGroup]) -> list[TrainGroup]:
+    """Single-completion groups as one group whose prompt is the head all their prompts share
+    (the system message and few-shot lines, ~200 of the adapter prompt's ~230 tokens); each
+    prompt's own tail leads its completion as context (not trained on). The learner then
+    computes the head once for the batch instead of once per example. Prompts that share no
+    token stay as they are."""
+    prompts = [g.prompt_ids for g in groups]
+    head = 0
+    limit = min(len(p) for p in prompts) - 1  # every prompt keeps a token of its own
+    while head < limit and all(p[head] == prompts[0][head] for p in prompts):
+        head += 1
+    if head == 0:
+        return list(groups)
+    return [TrainGroup(prompt_ids=prompts[0][:head],
+                      completions=[g.prompt_ids[head:] + g.completions[0] for g in groups],
+                      advantages=[0.0] * len(groups), rollout_logprobs=[[] for _ in groups],
+                      truncated=[False] * len(groups), policy_version=0, rewards=[1.0] * len(groups),
+                      context=[len(g.prompt_ids) - head for g in groups])]
+
+
 def run_sft(learner, groups: Sequence[TrainGroup], steps: int, batch_size: int, seed: int,
             log: Callable[[int, dict], None], out_of_time: Callable[[], bool] = lambda: False) -> list[dict]:
     """``steps`` SFT steps of ``batch_size`` examples (fewer when ``out_of_time()`` says so);
-    returns each step's metrics (``sft/loss``, ``sft/entropy``, ``sft/tokens``, ``sft/seconds``)."""
+    returns each step's metrics (``sft/loss``, ``sft/entropy``, ``sft/tokens``, ``timing/sft``)."""
     from rl.loop import ItemStream
 
     stream = ItemStream(groups, seed)
@@ -65,9 +87,9 @@ def run_sft(learner, groups: Sequence[TrainGroup], steps: int, batch_size: int, 
         if out_of_time():
             break
         start = time.perf_counter()
-        stats = learner.train_step([next(stream) for _ in range(batch_size)], "sft")
+        stats = learner.train_step(merge_on_shared_head([next(stream) for _ in range(batch_size)]), "sft")
         metrics = {"sft/loss": stats.loss, "sft/entropy": stats.entropy, "sft/tokens": stats.tokens,
-                   "sft/lr": stats.lr, "sft/skipped": stats.skipped, "sft/seconds": time.perf_counter() - start}
+                   "sft/lr": stats.lr, "sft/skipped": stats.skipped, "timing/sft": time.perf_counter() - start}
         log(step, metrics)
         history.append(metrics)
     return history

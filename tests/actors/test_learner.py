@@ -22,6 +22,7 @@ from actors.models import load_causal_lm
 from actors.shared_prefix import RowBatch, pack_micro_batches, plain_logits, split_group
 from rl.grpo import token_logprobs
 from rl.records import TrainGroup
+from rl.sft import merge_on_shared_head
 
 PAD = 0
 
@@ -336,6 +337,18 @@ def test_sft_objective_is_the_mean_token_nll_and_steps_at_the_sft_lr(tiny_model)
     assert acc.loss == pytest.approx(float(nll / count), rel=1e-5) and acc.tokens == 5
     for name, grad in learner.gradients().items():
         assert torch.allclose(grad, grads[name], atol=1e-6), name
+    learner.engine.zero_grad()
+    # Merged on their shared head (rl.sft), examples give the same loss and gradient.
+    sharing = [group(range(5, 17), [[20, 21, 22]], [0.0]), group(range(5, 14), [[30]], [0.0]),
+               group([*range(5, 10), 60, 61], [[31, 32]], [0.0])]
+    apart = learner.backward_batch(sharing, "sft")
+    apart_grads = {n: g.clone() for n, g in learner.gradients().items()}
+    learner.engine.zero_grad()
+    assert len(merge_on_shared_head(sharing)) == 1
+    merged = learner.backward_batch(merge_on_shared_head(sharing), "sft")
+    assert merged.tokens == apart.tokens == 6 and merged.loss == pytest.approx(apart.loss, rel=1e-5)
+    for name, grad in learner.gradients().items():
+        assert torch.allclose(grad, apart_grads[name], atol=1e-6), name
     learner.engine.zero_grad()
     lrs = [learner.train_step(batch, "sft").lr for _ in range(2)]
     lrs += [learner.train_step(groups_ab()).lr for _ in range(3)]

@@ -9,7 +9,8 @@ import pytest
 
 from rl.loop import TrainItem
 from rl.records import Prompt
-from rl.sft import format_targets, run_sft, sft_groups
+from rl.records import TrainGroup
+from rl.sft import format_targets, merge_on_shared_head, run_sft, sft_groups
 from verifiers.rewards import Example
 
 
@@ -58,7 +59,7 @@ class _Learner:
         self.calls = []
 
     def train_step(self, groups, objective):
-        self.calls.append((len(groups), objective))
+        self.calls.append((len(groups), len(groups[0].completions), objective))
         return _Stats(loss=1.0 / len(self.calls))
 
 
@@ -69,7 +70,20 @@ def test_groups_and_loop():
     assert groups[1].completions == [[ord(c) for c in "6}"]] and groups[1].prompt_ids == [1, 2, 3]
     learner, logged = _Learner(), []
     history = run_sft(learner, groups, steps=4, batch_size=3, seed=0, log=lambda s, m: logged.append(s))
-    assert learner.calls == [(3, "sft")] * 4 and logged == [0, 1, 2, 3]
+    assert learner.calls == [(1, 3, "sft")] * 4 and logged == [0, 1, 2, 3]  # one merged group
     assert [round(m["sft/loss"], 2) for m in history] == [1.0, 0.5, 0.33, 0.25]
     ticks = iter([False, False, True])
     assert len(run_sft(_Learner(), groups, 10, 1, 0, lambda s, m: None, out_of_time=lambda: next(ticks))) == 2
+
+
+def test_merge_on_shared_head_keeps_every_token_and_trains_only_targets():
+    groups = [TrainGroup([1, 2, 3, 4, 5], [[9, 9]], [0.0], [[]], [False], 0),
+              TrainGroup([1, 2, 3, 6], [[8]], [0.0], [[]], [False], 0),
+              TrainGroup([1, 2, 3], [[7, 7, 7]], [0.0], [[]], [False], 0)]
+    [merged] = merge_on_shared_head(groups)
+    assert merge_on_shared_head(groups[:1] + [TrainGroup([4], [[5]], [0.0], [[]], [False], 0)])[1].prompt_ids == [4]
+    assert merged.prompt_ids == [1, 2]  # the third prompt keeps one token of its own
+    assert merged.completions == [[3, 4, 5, 9, 9], [3, 6, 8], [3, 7, 7, 7]]
+    assert merged.context == [3, 2, 1]
+    for g, prompt_part, completion in zip(groups, merged.completions, merged.completions):
+        assert merged.prompt_ids + completion == g.prompt_ids + g.completions[0]
