@@ -97,6 +97,10 @@ def summarize_run(folder: Path, run: dict) -> dict:
     learned_at = {s.removeprefix("symbol/"): next((p["step"] for p in curve if p.get(s, 0) >= LEARNED), None)
                   for s in symbols}
     after = results.get("after", {})
+    evaluated = folder / "eval_after.jsonl"
+    items = [json.loads(line) for line in evaluated.read_text().splitlines()] if evaluated.is_file() else []
+    upstream = {c: sum(r["api_correct"] for r in items if r["category"] == c) / max(1, sum(r["category"] == c for r in items))
+                for c in ("custom", "standard") if any(r["category"] == c for r in items)}
     return {
         "name": run["name"], "about": run.get("about", ""), "set": run.get("set", []),
         "steps": results.get("steps"), "train_seconds": round(results.get("train_seconds", 0.0), 1),
@@ -106,7 +110,7 @@ def summarize_run(folder: Path, run: dict) -> dict:
                      for stage in ("before", "after_sft", "after") if stage in results},
         "by_symbol": {s: v["accuracy"] for s, v in after.get("by_symbol", {}).items()},
         "reward_curve": results.get("reward_curve", []),
-        "eval_curve": curve, "learned_at_step": learned_at,
+        "eval_curve": curve, "learned_at_step": learned_at, "upstream_accuracy": upstream,
     }
 
 
@@ -126,6 +130,10 @@ def markdown(spec: dict, rows: list[dict], command: str) -> str:
         lines.append(f"| `{r['name']}` | {r['steps']} | {r['train_seconds']:.0f} | {_pct(after.get('custom'))} | "
                      f"{_pct(after.get('standard'))} | {_pct(after.get('overall'))} | {r['stalled_steps']} | "
                      + " | ".join(_pct(r["by_symbol"].get(s)) for s in symbols) + " |")
+    upstream = next((r["upstream_accuracy"] for r in rows if r["upstream_accuracy"]), {})
+    if upstream:
+        lines += ["", f"The upstream alone on the same items: custom {_pct(upstream.get('custom'))}, "
+                      f"standard {_pct(upstream.get('standard'))}."]
     lines += ["", "Before training (and after the SFT warm-start, where there is one):", "",
               "| run | before: custom / standard | after SFT: custom / standard |", "|---|---|---|"]
     for r in rows:
