@@ -20,6 +20,12 @@ rollout engine as training (:func:`rl.evaluation.evaluate_items`). Greedy by def
 condition, response prefix, stop strings and cap come from the flags, else from the adapter's
 training run (``RUN/config.yaml``), else the defaults (:func:`actors.chain.adapter_settings`).
 
+GSM8K (``--task gsm8k``, rows ``{"question", "answer"}``): every subject answers the question
+itself, the models with the strict final-line prompt (``rl.prompts.GSM8K_STRICT``, raw text) and
+the upstream with its GSM8K request; a row is correct when the completion is exact (the last
+``####`` line's number is the truth), and the report adds the answer-boundary counts (strict
+final line, trailing text, missing; raw and stop-aware) and the failure taxonomy.
+
 Output: each subject's summary table on stdout, then a side-by-side table (custom / standard /
 overall accuracy). With ``--out DIR``: ``DIR/<subject>/`` holds the report of
 :func:`rl.report.write_report` (``results.json`` with every per-example record, ``report.md``,
@@ -51,7 +57,10 @@ class UsageError(ValueError):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="api-adapter evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, required=True, help="test rows (symbols JSONL)")
+    p.add_argument("--data", type=Path, required=True, help="test rows (JSONL of the task)")
+    p.add_argument("--task", choices=("symbols", "gsm8k"), default="symbols",
+                   help="symbols: the adapter chain on symbol items (default); gsm8k: word problems, "
+                        "each subject answering with the strict final-line prompt")
     p.add_argument("--limit", type=int, help="evaluate the first N valid rows")
     p.add_argument("--out", type=Path, help="write reports, summary.json and summary.md here")
     s = p.add_argument_group("subjects")
@@ -74,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--base-url", help="the API's base URL (anthropic, vertex, openai)")
     u.add_argument("--vertex-project")
     u.add_argument("--vertex-region")
-    u.add_argument("--max-tokens", type=int, default=64, help="upstream reply cap (the seed's 64)")
+    u.add_argument("--max-tokens", type=int, help="upstream reply cap (default: the seed's 64 for symbols, "
+                                                   "512 for gsm8k)")
     u.add_argument("--timeout", type=float, default=60.0, help="seconds per upstream attempt")
     u.add_argument("--max-retries", type=int, default=5, help="retries of a failed upstream call")
     u.add_argument("--concurrency", type=int, default=30, help="upstream requests in flight")
@@ -91,11 +101,20 @@ def _config_overrides(args) -> list[str]:
     cache = args.cache or (args.out / "upstream_cache.sqlite" if args.out else DEFAULT_CACHE)
     values = {"upstream.provider": args.provider, "upstream.model": args.model or "embedded",
               "upstream.base_url": args.base_url, "upstream.project": args.vertex_project,
-              "upstream.region": args.vertex_region, "upstream.max_tokens": args.max_tokens,
+              "upstream.region": args.vertex_region, "upstream.max_tokens": _upstream_max_tokens(args),
+              "data.task": args.task, "data.train_path": str(args.data), "data.test_path": str(args.data),
               "upstream.timeout_s": args.timeout, "upstream.max_retries": args.max_retries,
               "upstream.max_concurrency": args.concurrency, "upstream.cache_path": str(cache),
               "eval.temperature": args.temperature}
     return [f"{key}={json.dumps(value)}" for key, value in values.items()]
+
+
+def _upstream_max_tokens(args) -> int:
+    from actors.upstream.base import GSM8K_MAX_TOKENS, SYMBOL_MAX_TOKENS
+
+    if args.max_tokens is not None:
+        return args.max_tokens
+    return GSM8K_MAX_TOKENS if args.task == "gsm8k" else SYMBOL_MAX_TOKENS
 
 
 def _subject_overrides(settings) -> list[str]:
@@ -164,9 +183,15 @@ def plan_subjects(args) -> list[tuple[str, object]]:
 
 def upstream_rows(tasks, answers) -> list:
     """The upstream alone as :class:`~rl.evaluation.EvalRow`: correct when its parsed answer
-    is the truth; ``decision`` None (no adapter), the completion is the upstream's reply."""
-    from rl.evaluation import EvalRow
+    is the truth; ``decision`` None (no adapter), the completion is the upstream's reply. GSM8K
+    replies are scored like any GSM8K completion (exact on the last ``####`` line, boundary
+    metrics)."""
+    from rl.evaluation import EvalRow, build_row
+    from verifiers.rewards import Example
 
+    if tasks and tasks[0].category == "gsm8k":
+        return [build_row(t.uid, "gsm8k", reply.text or "", Example(truth=t.truth, question=t.prompt), "gsm8k_exact")
+                for t, reply in zip(tasks, answers)]
     rows = []
     for task, reply in zip(tasks, answers):
         api = reply.answer
@@ -188,21 +213,42 @@ def evaluate_subject(config, settings, tasks, api_answers, samples: int, device:
 
     engine = build_engine(settings, device=device)
     try:
-        items = _items(config, engine.tokenizer, tasks, api_answers)
-        return evaluate_items(engine, items, _sampling(config, evaluation=True), n_samples=samples)
+        if config.data.task == "gsm8k":
+            items, reward = gsm8k_items(engine.tokenizer, tasks), "gsm8k_exact"
+        else:
+            items, reward = _items(config, engine.tokenizer, tasks, api_answers), "binary"
+        return evaluate_items(engine, items, _sampling(config, evaluation=True), reward, n_samples=samples)
     finally:
         del engine
         gc.collect()
 
 
+def gsm8k_items(tokenizer, tasks) -> list:
+    """GSM8K tasks as items the engine answers: the strict final-line prompt, raw text."""
+    from rl.loop import TrainItem
+    from rl.prompts import gsm8k_prompt, render_text
+    from verifiers.rewards import Example
+
+    return [TrainItem(t.uid, render_text(tokenizer, gsm8k_prompt(t.prompt)),
+                      Example(truth=t.truth, question=t.prompt), "gsm8k") for t in tasks]
+
+
 def side_by_side(summaries: dict[str, dict]) -> str:
-    """A Markdown table: custom / standard / overall accuracy (with counts) per subject."""
-    def cell(summary: dict, scope: str) -> str:
-        value = summary.get(scope)
+    """A Markdown table per subject: custom / standard / overall accuracy (with counts) for
+    symbols; for GSM8K exact accuracy and the answer-boundary counts (raw completions)."""
+    def cell(value: dict | None) -> str:
         return "-" if value is None else f"{100 * value['accuracy']:.1f}% ({value['correct']}/{value['total']})"
 
+    if any("boundary" in s for s in summaries.values()):
+        keys = ("strict_final_line", "trailing_text", "missing")
+        lines = ["| subject | exact | " + " | ".join(k.replace("_", " ") for k in keys) + " |",
+                 "|---|" + "---:|" * (1 + len(keys))]
+        for name, s in summaries.items():
+            raw = s.get("boundary", {}).get("raw", {})
+            lines.append(f"| {name} | {cell(s.get('overall'))} | " + " | ".join(str(raw.get(k, "-")) for k in keys) + " |")
+        return "\n".join(lines)
     lines = ["| subject | " + " | ".join(SCOPES) + " |", "|---|" + "---:|" * len(SCOPES)]
-    lines += [f"| {name} | " + " | ".join(cell(s, scope) for scope in SCOPES) + " |" for name, s in summaries.items()]
+    lines += [f"| {name} | " + " | ".join(cell(s.get(scope)) for scope in SCOPES) + " |" for name, s in summaries.items()]
     return "\n".join(lines)
 
 
@@ -222,14 +268,14 @@ def run(args) -> dict[str, dict]:
 
     subjects = plan_subjects(args)
     config = load_config(None, _config_overrides(args))
-    tasks, _ = read_tasks(args.data, "symbols", limit=args.limit)
+    tasks, _ = read_tasks(args.data, args.task, limit=args.limit)
     if not tasks:
         raise UsageError(f"--data {args.data}: no rows")
     answers = _answer_in_process(config, args.out or DEFAULT_CACHE.parent, _requests(config, tasks))
     print(f"upstream: {len(answers)} answers ({sum(a.cached for a in answers)} from the cache), "
           f"{sum(a.answer is None for a in answers)} without a number")
     api_answers = [a.answer for a in answers]
-    upstream = {"provider": args.provider, "model": config.upstream.model, "max_tokens": args.max_tokens}
+    upstream = {"provider": args.provider, "model": config.upstream.model, "max_tokens": config.upstream.max_tokens}
     summaries: dict[str, dict] = {}
     for name, settings in subjects:
         if settings is None:

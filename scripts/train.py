@@ -69,7 +69,8 @@ def _requests(config, tasks) -> list:
     from actors.upstream import UpstreamRequest
 
     up = config.upstream
-    return [UpstreamRequest.symbol(t.prompt, max_tokens=up.max_tokens, temperature=up.temperature) for t in tasks]
+    request = UpstreamRequest.gsm8k if config.data.task == "gsm8k" else UpstreamRequest.symbol
+    return [request(t.prompt, max_tokens=up.max_tokens, temperature=up.temperature) for t in tasks]
 
 
 def _answer_in_process(config, run: Path, requests) -> list:

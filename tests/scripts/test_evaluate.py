@@ -93,3 +93,40 @@ def test_help_is_fast_and_imports_nothing_heavy():
             "print(sorted({'torch', 'transformers', 'actors.chain', 'rl.evaluation'} & set(sys.modules)))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_gsm8k_subjects_get_the_answer_boundary_metrics(tiny, tmp_path, capsys):
+    """--task gsm8k: the base model answers with the strict prompt, the (local, tiny) upstream
+    with its GSM8K request; both are scored with the boundary metrics and the table shows them."""
+    model, _, _ = tiny
+    out = tmp_path / "gsm"
+    argv = ["--task", "gsm8k", "--data", str(REPO / "rl" / "data" / "gsm8k" / "test.jsonl"), "--limit", "3",
+            "--upstream-only", "--base", "--base-model", str(model), "--model", str(model), "--max-tokens", "4",
+            "--max-new-tokens", "4", "--cache", str(tmp_path / "cache.sqlite"), "--out", str(out)]
+    assert main(argv) == 0
+    document = json.loads((out / "summary.json").read_text())
+    for name in ("upstream", "base"):
+        summary = document["subjects"][name]
+        assert summary["categories"] == ["gsm8k"] and summary["overall"]["total"] == 3
+        assert summary["boundary"]["raw"]["total"] == 3
+        assert sum(summary["boundary"]["raw"]["buckets"].values()) == 3
+    records = json.loads((out / "base" / "results.json").read_text())["records"]
+    assert all(r["boundary"] and r["decision"] is None for r in records)
+    assert "| subject | exact | strict final line | trailing text | missing |" in (out / "summary.md").read_text()
+    assert "answer boundary" in capsys.readouterr().out
+
+
+def test_gsm8k_upstream_rows_are_scored_on_the_final_line():
+    from fractions import Fraction
+    from types import SimpleNamespace
+
+    from scripts.evaluate import upstream_rows
+
+    task = SimpleNamespace(uid="q1", prompt="How many?", truth=Fraction(42), category="gsm8k")
+    replies = [SimpleNamespace(text="6 * 7 = 42\n#### 42"), SimpleNamespace(text="#### 42\nHope this helps!"),
+               SimpleNamespace(text=None)]
+    rows = upstream_rows([task] * 3, replies)
+    assert [r.correct for r in rows] == [True, True, False]  # exact reads the last #### line
+    assert rows[0].boundary["raw"]["strict_final_line"] and not rows[0].boundary["raw"]["trailing_text"]
+    assert rows[1].boundary["raw"]["trailing_text"] and not rows[1].boundary["raw"]["strict_final_line"]
+    assert rows[2].boundary["raw"]["predicted"] is None
