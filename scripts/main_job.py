@@ -1,9 +1,10 @@
 """The main job on the embedded default: ``api-adapter main`` (what ``scripts/main.sh`` runs).
 
-A short GRPO run of the embedded SmolLM2-135M adapter on the easiest symbol tier, with the
-embedded model as the local upstream: no GPU, no credentials, no downloads. It is
-``scripts/train.py --config configs/smoke.yaml``; extra arguments are passed on, e.g.
-``api-adapter main --set algorithm.steps=20``.
+The tier-1 recipe cut to a few minutes: the embedded SmolLM2-135M adapter gets a format
+warm-start on standard-symbol items, then GRPO on the easiest symbol tier, with the embedded
+model as the local upstream: no GPU, no credentials, no downloads. It is
+``scripts/train.py --config configs/quickstart.yaml``; extra arguments are passed on, e.g.
+``api-adapter main --set algorithm.max_train_seconds=900``.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml"
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -73,7 +73,8 @@ def test_ray_job_submit_trains_and_writes_the_run(ray_head, tmp_path):
     job_id = f"smoke-{os.getpid()}"
     command = [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT),
                "--submission-id", job_id, "--no-wait", "--", sys.executable, "scripts/train.py",
-               "--config", "configs/smoke.yaml", "--set", f"logging.run_dir={run}"]
+               "--config", "configs/smoke.yaml", "--set", f"logging.run_dir={run}",
+               "--set", "sft.steps=2", "--set", "sft.batch_size=4"]  # the warm-start on the learner actor
     for _ in range(60):  # the head (and its job agent) come up a while after the process starts
         submit = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
         if submit.returncode == 0 or not any(m in submit.stderr for m in ("No available agent", "onnect")):
@@ -87,9 +88,11 @@ def test_ray_job_submit_trains_and_writes_the_run(ray_head, tmp_path):
     logs = subprocess.run([str(BIN / "ray"), "job", "logs", "--address", address, job_id],
                           env=env, capture_output=True, text=True, timeout=60).stdout
     assert status == "SUCCEEDED", logs[-4000:]
-    assert "placement:" in logs and "step    1" in logs
+    assert "placement:" in logs and "step    1" in logs and "SFT warm-start: 2 steps" in logs
     results = json.loads((run / "results.json").read_text())
     assert results["steps"] == 2 and results["after"]["overall"]["total"] == 8
+    assert results["sft"]["steps"] == 2 and (run / "sft" / "adapter" / "adapter_config.json").exists()
+    assert len((run / "sft_metrics.jsonl").read_text().splitlines()) == 2
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
     assert (run / "checkpoints" / "step_000002" / "adapter" / "adapter_model.safetensors").exists()
     assert (run / "report" / "report.md").exists()

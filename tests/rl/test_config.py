@@ -300,3 +300,11 @@ def test_pure_python():
         imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
         assert not imported & {"torch", "ray", "vllm", "deepspeed", "numpy"}, (module, imported)
     assert config_schema.ConfigError is ConfigError
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").rglob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    """Every YAML under configs/ is a valid run config (the study specs are their own format)."""
+    if path.parent.name == "study" and "runs" in yaml_load(path.read_text()):
+        pytest.skip("a study spec, checked in tests/scripts/test_study.py")
+    load_config(path)

@@ -37,3 +37,24 @@ def test_bad_config_is_a_clear_error(tmp_path, capsys):
     assert train.main(["--config", str(bad)]) == 2
     err = capsys.readouterr().err
     assert "bad.yaml:2" in err and "algorithm.stepz" in err and "steps" in err
+
+
+@pytest.mark.slow
+def test_format_warm_start_teaches_the_rewrite_format_on_the_embedded_model(tmp_path):
+    """The SFT stage on standard-symbol items only: its loss falls, the base model (which writes
+    no box at all in the rewrite format) answers in the format afterwards, the adapter is saved
+    for later stages, and GRPO continues from it."""
+    run = tmp_path / "run"
+    argv = ["--config", "configs/smoke.yaml", "--set", f"logging.run_dir={run}", "--set", "cluster.mode=in_process",
+            "--set", "data.answer_format=rewrite", "--set", "rollout.response_prefix=null",
+            "--set", "rollout.max_new_tokens=24", "--set", "eval.max_new_tokens=24", "--set", "sft.steps=6",
+            "--set", "sft.batch_size=8", "--set", "algorithm.steps=1", "--set", "checkpoint.every_steps=0"]
+    assert train.main(argv) == 0
+    results = json.loads((run / "results.json").read_text())
+    sft = results["sft"]
+    assert sft["steps"] == 6 and sft["loss_last"] < sft["loss_first"] / 3
+    boxed = lambda stage: results[stage]["verdicts"]["overall"]  # noqa: E731
+    assert boxed("before")["none"]["n"] == 8  # no box before
+    assert boxed("after_sft")["none"]["n"] <= 2  # the format is learned
+    assert (run / "sft" / "adapter" / "adapter_model.safetensors").exists()
+    assert results["steps"] == 1 and json.loads((run / "metrics.jsonl").read_text())["policy_version"] >= 6
