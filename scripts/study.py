@@ -106,6 +106,8 @@ def summarize_run(folder: Path, run: dict) -> dict:
         "steps": results.get("steps"), "train_seconds": round(results.get("train_seconds", 0.0), 1),
         "sft": results.get("sft"),
         "stalled_steps": sum(r.get("groups/zero_variance_fraction", 0) >= 1.0 for r in rows),
+        "flat_groups_first_5": round(sum(r.get("groups/zero_variance_fraction", 0) for r in rows[:5])
+                                     / max(1, len(rows[:5])), 2),
         "accuracy": {stage: {c: _accuracy(results.get(stage), c) for c in ("custom", "standard", "overall")}
                      for stage in ("before", "after_sft", "after") if stage in results},
         "by_symbol": {s: v["accuracy"] for s, v in after.get("by_symbol", {}).items()},
@@ -122,13 +124,17 @@ def markdown(spec: dict, rows: list[dict], command: str) -> str:
     symbols = [s for s in ("θ", "α", "γ", "β", "+", "-", "*", "/") if any(s in r["by_symbol"] for r in rows)]
     lines = [f"# Study `{spec['name']}`", "", spec.get("about", "").strip(), "",
              f"Every run: {spec['budget_s']} s of training (SFT included, evaluation excluded) on this "
-             f"machine, then greedy evaluation on the same held-out set. Reproduce with `{command}`.", "",
-             "| run | steps | train s | custom | standard | overall | stalled steps | " + " | ".join(symbols) + " |",
-             "|---|---|---|---|---|---|---|" + "---|" * len(symbols)]
+             f"machine, then greedy evaluation on the same held-out set. Reproduce with `{command}`. "
+             "Flat groups: the share of sampled groups whose rewards were all equal (no signal); "
+             "stalled steps: steps where every group was flat.", "",
+             "| run | steps | train s | custom | standard | overall | flat groups, steps 1-5 | stalled steps | "
+             + " | ".join(symbols) + " |",
+             "|---|---|---|---|---|---|---|---|" + "---|" * len(symbols)]
     for r in rows:
         after = r["accuracy"].get("after", {})
         lines.append(f"| `{r['name']}` | {r['steps']} | {r['train_seconds']:.0f} | {_pct(after.get('custom'))} | "
-                     f"{_pct(after.get('standard'))} | {_pct(after.get('overall'))} | {r['stalled_steps']} | "
+                     f"{_pct(after.get('standard'))} | {_pct(after.get('overall'))} | "
+                     f"{_pct(r['flat_groups_first_5'])} | {r['stalled_steps']} | "
                      + " | ".join(_pct(r["by_symbol"].get(s)) for s in symbols) + " |")
     upstream = next((r["upstream_accuracy"] for r in rows if r["upstream_accuracy"]), {})
     if upstream:

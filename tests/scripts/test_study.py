@@ -67,7 +67,8 @@ def test_report_tables_curves_and_when_a_symbol_was_learned(tmp_path):
     assert [p["step"] for p in row["eval_curve"]] == [10, 20, 30]
     assert row["accuracy"]["after"]["custom"] == 0.9
     md = (tmp_path / "study.md").read_text()
-    assert "| `a` | 30 | 100 | 90% | 80% | 60% | 3 | 90% | 80% |" in md
+    assert row["flat_groups_first_5"] == 0.8  # 1, 1, 1, 0.5, 0.5
+    assert "| `a` | 30 | 100 | 90% | 80% | 60% | 80% | 3 | 90% | 80% |" in md
     assert row["upstream_accuracy"] == {"custom": 0.0, "standard": 0.5}
     assert "upstream alone on the same items: custom 0%, standard 50%" in md
     assert "θ at step 20" in md and "python scripts/study.py spec.yaml" in md
