@@ -59,7 +59,7 @@ import torch
 from torch import Tensor
 
 from actors.models import load_causal_lm, load_tokenizer, resolve_model_path
-from rl.records import Completion, FinishReason, Prompt, SamplingParams
+from rl.records import Completion, FinishReason, Prompt, SamplingParams, shared_head_len
 
 
 MIN_SHARED_TOKENS = 16
@@ -233,7 +233,7 @@ class HFRolloutEngine:
         ``MIN_SHARED_TOKENS`` shared tokens, all of every prompt runs.
         """
         dev = self.device
-        shared = _shared_prefix_len(prompts) if self.prefix_reuse else 0
+        shared = shared_head_len(prompts) if self.prefix_reuse else 0
         head = None
         if shared >= MIN_SHARED_TOKENS and len(prompts) > 1:
             head = self.model(input_ids=torch.tensor([prompts[0][:shared]], device=dev),
@@ -311,17 +311,6 @@ def filter_top_k_top_p(logp: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tens
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logp = logp.masked_fill(drop, float("-inf"))
     return logp
-
-
-def _shared_prefix_len(prompts: list[list[int]]) -> int:
-    """Tokens all prompts start with, leaving each at least one of its own (whose logits start
-    the completion)."""
-    limit = min(len(p) for p in prompts) - 1
-    first = prompts[0]
-    n = 0
-    while n < limit and all(p[n] == first[n] for p in prompts):
-        n += 1
-    return n
 
 
 def _left_pad(seqs: list[list[int]], pad_id: int, device: torch.device) -> tuple[Tensor, Tensor]:

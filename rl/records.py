@@ -80,3 +80,13 @@ class TrainGroup:
     policy_version: int
     rewards: list[float] = field(default_factory=list)
     context: list[int] = field(default_factory=list)
+
+
+def shared_head_len(prompts: list[list[int]]) -> int:
+    """Tokens all prompts start with, leaving each at least one of its own (whose logits start
+    its completion)."""
+    limit = min(len(p) for p in prompts) - 1
+    n = 0
+    while n < limit and all(p[n] == prompts[0][n] for p in prompts):
+        n += 1
+    return n

@@ -23,7 +23,7 @@ import time
 from typing import Any, Callable, Sequence
 
 from rl.prompts import answer_text, uses_correct
-from rl.records import TrainGroup
+from rl.records import TrainGroup, shared_head_len
 
 
 def format_targets(items: Sequence, condition: str, answer_format: str) -> list[tuple[Any, str]]:
@@ -62,10 +62,7 @@ def merge_on_shared_head(groups: Sequence[TrainGroup]) -> list[TrainGroup]:
     computes the head once for the batch instead of once per example. Prompts that share no
     token stay as they are."""
     prompts = [g.prompt_ids for g in groups]
-    head = 0
-    limit = min(len(p) for p in prompts) - 1  # every prompt keeps a token of its own
-    while head < limit and all(p[head] == prompts[0][head] for p in prompts):
-        head += 1
+    head = shared_head_len(prompts)
     if head == 0:
         return list(groups)
     return [TrainGroup(prompt_ids=prompts[0][:head],
