@@ -181,6 +181,11 @@ class SftConfig:
     batch_size: int = knob(16, "Examples per SFT step.", ge=1, le=65536)
     lr: float = knob(5e-4, "Constant learning rate of the SFT steps (then learner.lr and its schedule "
                      "take over for GRPO).", ge=0, le=1)
+    items: str = knob("standard", "standard: the standard-symbol items under the seed's prompt; surrogate: "
+                      "the same items under a prompt written with surrogate symbols (a fresh random map per "
+                      "step, half of the questions using it), which teaches reading a symbol's meaning off "
+                      "the few-shot lines without showing any of θ α γ β (rl/sft.py).",
+                      choices=("standard", "surrogate"))
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,7 @@ from fractions import Fraction
 from typing import Any, Literal
 
 from rl.records import Prompt
-from verifiers.symbols import evaluate, to_standard
+from verifiers.symbols import SEED_SYMBOLS, SymbolMap, evaluate, to_standard
 
 Condition = Literal["A", "B", "C", "D"]
 CONDITIONS: tuple[str, ...] = ("A", "B", "C", "D")
@@ -64,30 +64,39 @@ SYSTEM_CORRECT = (
 )
 """The system prompt with CORRECT (conditions C, D)."""
 
-DEFINITIONS_EXPLICIT: tuple[str, ...] = (
-    "Custom arithmetic symbols:",
-    "  θ means addition (+)",
-    "  α means subtraction (-)",
-    "  γ means multiplication (×)",
-    "  β means division (÷)",
-    "Precedence: β and γ bind tighter than θ and α (same as standard BODMAS).",
-)
-DEFINITIONS_VAGUE: tuple[str, ...] = (
-    "The symbols θ, α, γ, β each represent one of the four basic arithmetic operations "
-    "(+, -, ×, ÷). Each symbol maps to exactly one operation. Standard operator precedence "
-    "(BODMAS) applies.",
-)
+_OP_NAMES = {"+": ("addition", "+"), "-": ("subtraction", "-"), "*": ("multiplication", "×"),
+             "/": ("division", "÷")}
+
+
+def definitions(kind: str, symbols: SymbolMap = SEED_SYMBOLS) -> tuple[str, ...]:
+    """The definition lines (``explicit``, ``vague`` or ``none``) of a symbol map, its symbols
+    in the map's order; for the seed's map they are the seed's lines."""
+    if kind == "none":
+        return ()
+    names = list(symbols.custom)
+    if kind == "vague":
+        return (f"The symbols {', '.join(names)} each represent one of the four basic arithmetic operations "
+                "(+, -, ×, ÷). Each symbol maps to exactly one operation. Standard operator precedence "
+                "(BODMAS) applies.",)
+    if kind != "explicit":
+        raise ValueError(f"definitions kind {kind!r} is not one of explicit, vague, none")
+    s = symbols.symbol_for
+    return ("Custom arithmetic symbols:",
+            *(f"  {name} means {_OP_NAMES[op][0]} ({_OP_NAMES[op][1]})" for name, op in symbols.custom.items()),
+            f"Precedence: {s('/')} and {s('*')} bind tighter than {s('+')} and {s('-')} (same as standard BODMAS).")
+
 
 AnswerFormat = Literal["box", "rewrite"]
 ANSWER_FORMATS: tuple[str, ...] = ("box", "rewrite")
 
-# The seed's few-shot items: (expression, API answer).
-_CUSTOM_SHOTS = (("3 θ 4", 7), ("10 α 3", 5), ("2 γ 6", None))
+# The seed's few-shot items: (expression, API answer); ``{0}``..``{2}`` are the map's first three
+# symbols (θ α γ for the seed's map: β is never shown).
+_CUSTOM_SHOTS = (("3 {0} 4", 7), ("10 {1} 3", 5), ("2 {2} 6", None))
 _STANDARD_SHOTS = (("3 + 4", 7), ("10 - 3", 5))
 
 
 def answer_text(expression: str, api_answer: Fraction | int | None, *, use_correct: bool,
-                answer_format: str = "box") -> str:
+                answer_format: str = "box", symbols: SymbolMap = SEED_SYMBOLS) -> str:
     """The reply the adapter should give: ``\\boxed{CORRECT}`` when ``use_correct`` and the API
     answer is right, else ``\\boxed{value}``; the ``rewrite`` format first restates the
     expression with standard operators and its value (``3 + 4 = 7 → \\boxed{CORRECT}``), a short
@@ -98,26 +107,29 @@ def answer_text(expression: str, api_answer: Fraction | int | None, *, use_corre
     """
     if answer_format not in ANSWER_FORMATS:
         raise ValueError(f"answer_format {answer_format!r} is not one of {ANSWER_FORMATS}")
-    value = evaluate(expression)
+    value = evaluate(expression, symbols)
     keep = use_correct and api_answer is not None and Fraction(api_answer) == value
     box = "\\boxed{CORRECT}" if keep else f"\\boxed{{{format_api_answer(value)}}}"
     if answer_format == "box":
         return box
-    return f"{to_standard(expression)} = {format_api_answer(value)} → {box}"
+    return f"{to_standard(expression, symbols)} = {format_api_answer(value)} → {box}"
 
 
-def _examples(shots, *, use_correct: bool, answer_format: str) -> tuple[str, ...]:
-    return tuple(f"Expression: {e} | API answer: {format_api_answer(a)} → "
-                 f"{answer_text(e, a, use_correct=use_correct, answer_format=answer_format)}"
-                 for e, a in shots)
+def _examples(shots, *, use_correct: bool, answer_format: str, symbols: SymbolMap) -> tuple[str, ...]:
+    lines = []
+    for template, api in shots:
+        expression = template.format(*symbols.custom)
+        text = answer_text(expression, api, use_correct=use_correct, answer_format=answer_format, symbols=symbols)
+        lines.append(f"Expression: {expression} | API answer: {format_api_answer(api)} → {text}")
+    return tuple(lines)
 
 
-# condition -> (system prompt, definition lines, few-shot items, whether CORRECT is used)
-_CONDITIONS: dict[str, tuple[str, tuple[str, ...], tuple, bool]] = {
-    "A": (SYSTEM_PLAIN, DEFINITIONS_EXPLICIT, _CUSTOM_SHOTS, False),
-    "B": (SYSTEM_PLAIN, (), _STANDARD_SHOTS, False),
-    "C": (SYSTEM_CORRECT, DEFINITIONS_EXPLICIT, _CUSTOM_SHOTS, True),
-    "D": (SYSTEM_CORRECT, DEFINITIONS_VAGUE, _CUSTOM_SHOTS, True),
+# condition -> (system prompt, definitions kind, few-shot items, whether CORRECT is used)
+_CONDITIONS: dict[str, tuple[str, str, tuple, bool]] = {
+    "A": (SYSTEM_PLAIN, "explicit", _CUSTOM_SHOTS, False),
+    "B": (SYSTEM_PLAIN, "none", _STANDARD_SHOTS, False),
+    "C": (SYSTEM_CORRECT, "explicit", _CUSTOM_SHOTS, True),
+    "D": (SYSTEM_CORRECT, "vague", _CUSTOM_SHOTS, True),
 }
 
 NO_THINK = "/no_think"
@@ -155,20 +167,21 @@ def uses_correct(condition: str) -> bool:
     return _condition(condition)[3]
 
 
-def examples(condition: str = "D", answer_format: str = "box") -> tuple[str, ...]:
-    """The condition's few-shot lines in the answer format."""
+def examples(condition: str = "D", answer_format: str = "box", symbols: SymbolMap = SEED_SYMBOLS) -> tuple[str, ...]:
+    """The condition's few-shot lines in the answer format, written with ``symbols``."""
     _, _, shots, correct = _condition(condition)
-    return _examples(shots, use_correct=correct, answer_format=answer_format)
+    return _examples(shots, use_correct=correct, answer_format=answer_format, symbols=symbols)
 
 
 def user_message(
     expression: str, api_answer: Fraction | int | None, condition: str = "D", *,
-    no_think_line: bool, answer_format: str = "box",
+    no_think_line: bool, answer_format: str = "box", symbols: SymbolMap = SEED_SYMBOLS,
 ) -> str:
-    """The user message's text: the seed's lines joined with ``\\n``."""
-    definitions = _condition(condition)[1]
-    lines = [*definitions, ""] if definitions else []
-    lines += ["Examples:", *examples(condition, answer_format), ""]
+    """The user message's text: the seed's lines joined with ``\\n`` (definitions and few-shot
+    lines written with ``symbols``, the seed's map unless a caller teaches on another)."""
+    lines = list(definitions(_condition(condition)[1], symbols))
+    lines += [""] if lines else []
+    lines += ["Examples:", *examples(condition, answer_format, symbols), ""]
     lines.append(f"Expression: {expression} | API answer: {format_api_answer(api_answer)} →")
     if no_think_line:
         lines.append(NO_THINK)
@@ -178,6 +191,7 @@ def user_message(
 def adapter_messages(
     expression: str, api_answer: Fraction | int | None, condition: str = "D", *,
     no_think_line: bool, system_in_user: bool = False, answer_format: str = "box",
+    symbols: SymbolMap = SEED_SYMBOLS,
 ) -> list[dict[str, str]]:
     """The adapter's chat messages for one item.
 
@@ -187,7 +201,7 @@ def adapter_messages(
     """
     system = system_prompt(condition)
     user = user_message(expression, api_answer, condition, no_think_line=no_think_line,
-                        answer_format=answer_format)
+                        answer_format=answer_format, symbols=symbols)
     if system_in_user:
         return [{"role": "user", "content": f"{system}\n\n{user}"}]
     return [{"role": "system", "content": system}, {"role": "user", "content": user}]
@@ -249,18 +263,19 @@ def render_text(tokenizer: Any, text: str) -> Prompt:
 def adapter_prompt(
     tokenizer: Any, expression: str, api_answer: Fraction | int | None, condition: str = "D", *,
     response_prefix: str = "", system_in_user: bool = False, answer_format: str = "box",
+    symbols: SymbolMap = SEED_SYMBOLS,
 ) -> Prompt:
     """:func:`adapter_messages` rendered with :func:`render`, thinking off; the ``/no_think``
     line is included exactly when the template has a thinking mode (the seed's Qwen3 setup)."""
     messages = adapter_messages(
         expression, api_answer, condition,
         no_think_line=supports_thinking(tokenizer), system_in_user=system_in_user,
-        answer_format=answer_format,
+        answer_format=answer_format, symbols=symbols,
     )
     return render(tokenizer, messages, response_prefix)
 
 
-def _condition(condition: str) -> tuple[str, tuple[str, ...], tuple, bool]:
+def _condition(condition: str) -> tuple[str, str, tuple, bool]:
     try:
         return _CONDITIONS[condition]
     except KeyError:

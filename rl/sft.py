@@ -4,8 +4,21 @@ A small model often cannot earn a first reward: if no completion of a group is r
 no signal, and with a binary reward the easiest policy ("always CORRECT") is a trap. The format
 warm-start teaches the answer format -- and, in the ``rewrite`` format, restating an expression
 with standard operators and computing it -- on the training split's **standard-symbol items
-only**: no custom symbol's meaning is ever shown, so what GRPO then learns about θ, α, γ and β
-comes from the reward alone.
+only**: no custom symbol's meaning is ever shown.
+
+Two sources of examples (``sft.items``):
+
+* ``standard`` -- the standard-symbol items under the seed's prompt. The format is learned, but
+  not how to read a custom symbol: after it the embedded model restates every custom symbol as
+  the last few-shot line's ``*``, and GRPO, with no sample that tries another operator, rarely
+  leaves that (results/recipe_t1: θ 3%, α 0% after 2,100 s).
+* ``surrogate`` -- the same items under a prompt written with *surrogate* symbols (Greek letters
+  other than θ α γ β) that a fresh random map per step gives random meanings; half of the
+  questions use them. The meaning of a question's symbol is then only found in the prompt's
+  own few-shot lines (or, for the fourth symbol, which they never show, by elimination), so
+  the model learns to read them -- the skill the seed's prompt asks for -- without ever seeing
+  one of θ α γ β with a meaning. What the seed's few-shot lines show it reads; what they do not
+  (β), GRPO's reward has to teach.
 
 Targets are :func:`rl.prompts.answer_text`, the reply the condition's few-shot lines model
 (CORRECT when the API's answer is right and the condition offers it), minus the prompt's
@@ -19,40 +32,107 @@ adapter prompt); the learning rate is ``sft.lr``, constant, before GRPO's schedu
 
 from __future__ import annotations
 
+import random
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from rl.prompts import answer_text, uses_correct
 from rl.records import TrainGroup, shared_head_len
+from verifiers.symbols import OPS, SEED_SYMBOLS, SymbolMap, tokenize
+
+
+def _target(question: str, api_answer, condition: str, answer_format: str, prefix: str,
+            symbols: SymbolMap = SEED_SYMBOLS) -> str:
+    text = answer_text(question, api_answer, use_correct=uses_correct(condition), answer_format=answer_format,
+                       symbols=symbols)
+    if not text.startswith(prefix):
+        raise ValueError(f"the response prefix {prefix!r} does not begin the {answer_format!r} "
+                         f"answer {text!r}; use a prefix the format starts with (or none)")
+    return text[len(prefix):]
+
+
+def _standard_items(items: Sequence) -> list:
+    standard = [item for item in items if item.category == "standard"]
+    if not standard:
+        raise ValueError("the SFT warm-start needs standard-symbol items in the training data")
+    return standard
 
 
 def format_targets(items: Sequence, condition: str, answer_format: str) -> list[tuple[Any, str]]:
     """``(item, target text)`` for every standard-symbol item (a :class:`rl.loop.TrainItem`)."""
-    pairs = []
-    for item in items:
-        if item.category != "standard":
-            continue
-        text = answer_text(item.example.question, item.example.api_answer,
-                           use_correct=uses_correct(condition), answer_format=answer_format)
-        prefix = item.prompt.response_prefix
-        if not text.startswith(prefix):
-            raise ValueError(f"the response prefix {prefix!r} does not begin the {answer_format!r} "
-                             f"answer {text!r}; use a prefix the format starts with (or none)")
-        pairs.append((item, text[len(prefix):]))
-    if not pairs:
-        raise ValueError("the SFT warm-start needs standard-symbol items in the training data")
-    return pairs
+    return [(item, _target(item.example.question, item.example.api_answer, condition, answer_format,
+                           item.prompt.response_prefix))
+            for item in _standard_items(items)]
+
+
+def _group(prompt_ids: list[int], target: str, tokenizer: Any) -> TrainGroup:
+    ids = list(tokenizer(target, add_special_tokens=False)["input_ids"])
+    return TrainGroup(prompt_ids=prompt_ids, completions=[ids], advantages=[0.0], rollout_logprobs=[[]],
+                      truncated=[False], policy_version=0, rewards=[1.0])
 
 
 def sft_groups(pairs: Sequence[tuple[Any, str]], tokenizer: Any) -> list[TrainGroup]:
     """One single-completion :class:`TrainGroup` per example: the prompt's tokens and the
     target's, tokenized on its own (what the model generates after the prompt's last token)."""
-    groups = []
-    for item, target in pairs:
-        ids = list(tokenizer(target, add_special_tokens=False)["input_ids"])
-        groups.append(TrainGroup(prompt_ids=item.prompt.token_ids, completions=[ids], advantages=[0.0],
-                                 rollout_logprobs=[[]], truncated=[False], policy_version=0, rewards=[1.0]))
-    return groups
+    return [_group(item.prompt.token_ids, target, tokenizer) for item, target in pairs]
+
+
+def standard_batches(groups: Sequence[TrainGroup], batch_size: int, seed: int) -> Iterator[list[TrainGroup]]:
+    """Batches of ``batch_size`` examples drawn in seeded, reshuffled epochs."""
+    from rl.loop import ItemStream
+
+    stream = ItemStream(groups, seed)
+    while True:
+        yield [next(stream) for _ in range(batch_size)]
+
+
+SURROGATE_SYMBOLS = "δεζηλμπσφψω"
+"""Greek letters a surrogate map draws its four symbols from: none of the seed's θ α γ β."""
+SURROGATE_SHARE = 0.5
+"""The share of a surrogate batch's questions written with the batch's symbols (the rest keep
+their standard operators, as the evaluation's standard items do)."""
+
+
+def surrogate_map(rng: random.Random) -> SymbolMap:
+    """Four distinct :data:`SURROGATE_SYMBOLS`, each given a random one of the four operations."""
+    return SymbolMap.permuted("".join(rng.sample(SURROGATE_SYMBOLS, 4)), "".join(rng.sample(OPS, 4)))
+
+
+def with_symbols(expression: str, symbols: SymbolMap) -> str:
+    """A standard expression's operators written as ``symbols``' custom symbols."""
+    return " ".join(str(t) if isinstance(t, int) else symbols.symbol_for(t) for t in tokenize(expression))
+
+
+def surrogate_batches(items: Sequence, tokenizer: Any, condition: str, answer_format: str, batch_size: int,
+                      seed: int) -> Iterator[list[TrainGroup]]:
+    """Batches that teach reading a symbol's meaning off the prompt's examples.
+
+    Each batch draws a fresh :func:`surrogate_map`; its examples are standard-symbol items
+    (with their real API answers) whose prompt -- definitions and few-shot lines -- is written
+    with that map, and :data:`SURROGATE_SHARE` of whose questions use its symbols. The answer
+    is only found by looking the question's symbol up in the few-shot lines (or, for the
+    fourth symbol, which they never show, by elimination), so the skill carries over to the
+    seed's prompt, while none of θ α γ β is ever shown with a meaning. A batch shares its map,
+    so :func:`merge_on_shared_head` still computes the few-shot head once."""
+    from rl.loop import ItemStream
+    from rl.prompts import adapter_prompt
+
+    if condition == "B":
+        raise ValueError("sft.items=surrogate needs a prompt that shows what the symbols mean (condition A, C "
+                         "or D); condition B shows no symbol, so use sft.items=standard")
+    stream, rng = ItemStream(_standard_items(items), seed), random.Random(f"{seed}:surrogate")
+    while True:
+        symbols, batch = surrogate_map(rng), []
+        for _ in range(batch_size):
+            item = next(stream)
+            question, api, prefix = item.example.question, item.example.api_answer, item.prompt.response_prefix
+            if rng.random() < SURROGATE_SHARE:
+                question = with_symbols(question, symbols)
+            prompt = adapter_prompt(tokenizer, question, api, condition, response_prefix=prefix,
+                                    answer_format=answer_format, symbols=symbols)
+            batch.append(_group(prompt.token_ids, _target(question, api, condition, answer_format, prefix, symbols),
+                                tokenizer))
+        yield batch
 
 
 def merge_on_shared_head(groups: Sequence[TrainGroup]) -> list[TrainGroup]:
@@ -72,19 +152,16 @@ def merge_on_shared_head(groups: Sequence[TrainGroup]) -> list[TrainGroup]:
                       context=[len(g.prompt_ids) - head for g in groups])]
 
 
-def run_sft(learner, groups: Sequence[TrainGroup], steps: int, batch_size: int, seed: int,
-            log: Callable[[int, dict], None], out_of_time: Callable[[], bool] = lambda: False) -> list[dict]:
-    """``steps`` SFT steps of ``batch_size`` examples (fewer when ``out_of_time()`` says so);
-    returns each step's metrics (``sft/loss``, ``sft/entropy``, ``sft/tokens``, ``timing/sft``)."""
-    from rl.loop import ItemStream
-
-    stream = ItemStream(groups, seed)
+def run_sft(learner, batches: Iterator[list[TrainGroup]], steps: int, log: Callable[[int, dict], None],
+            out_of_time: Callable[[], bool] = lambda: False) -> list[dict]:
+    """``steps`` SFT steps, one batch each (fewer when ``out_of_time()`` says so); returns each
+    step's metrics (``sft/loss``, ``sft/entropy``, ``sft/tokens``, ``timing/sft``)."""
     history = []
     for step in range(steps):
         if out_of_time():
             break
         start = time.perf_counter()
-        stats = learner.train_step(merge_on_shared_head([next(stream) for _ in range(batch_size)]), "sft")
+        stats = learner.train_step(merge_on_shared_head(next(batches)), "sft")
         metrics = {"sft/loss": stats.loss, "sft/entropy": stats.entropy, "sft/tokens": stats.tokens,
                    "sft/lr": stats.lr, "sft/skipped": stats.skipped, "timing/sft": time.perf_counter() - start}
         log(step, metrics)

@@ -249,21 +249,26 @@ def _sft_stage(config, run: Path, tokenizer, items, engine, learner) -> dict:
     """The format warm-start (rl/sft.py) on the GRPO learner; the engine gets the result and the
     adapter is saved to RUN/sft/adapter (a starting point by path: lora.init_from)."""
     from rl.metrics import ConsoleSink, FanOut, JsonlSink
-    from rl.sft import format_targets, run_sft, sft_groups
+    from rl.sft import format_targets, run_sft, sft_groups, standard_batches, surrogate_batches
 
-    groups = sft_groups(format_targets(items, config.data.condition, config.data.answer_format), tokenizer)
+    data, sft = config.data, config.sft
+    if sft.items == "surrogate":
+        batches = surrogate_batches(items, tokenizer, data.condition, data.answer_format, sft.batch_size, data.seed)
+    else:
+        groups = sft_groups(format_targets(items, data.condition, data.answer_format), tokenizer)
+        batches = standard_batches(groups, sft.batch_size, data.seed)
     budget = config.algorithm.max_train_seconds
     start = time.perf_counter()
     sink = FanOut(ConsoleSink(), JsonlSink(run / "sft_metrics.jsonl"))
     (run / "sft_metrics.jsonl").unlink(missing_ok=True)
-    history = run_sft(learner, groups, config.sft.steps, config.sft.batch_size, config.data.seed, sink.log,
+    history = run_sft(learner, batches, sft.steps, sink.log,
                       out_of_time=lambda: budget is not None and time.perf_counter() - start >= budget)
     seconds = time.perf_counter() - start
     engine.update_adapter(learner.policy_version, learner.export_adapter())
     adapter = learner.save_adapter(run / "sft" / "adapter")
-    print(f"SFT warm-start: {len(history)} steps on {len(groups)} standard-symbol examples in {seconds:.0f} s; "
+    print(f"SFT warm-start: {len(history)} steps of {sft.batch_size} {sft.items} examples in {seconds:.0f} s; "
           f"loss {history[0]['sft/loss']:.3f} -> {history[-1]['sft/loss']:.3f}; adapter {adapter}", flush=True)
-    return {"steps": len(history), "examples": len(groups), "seconds": seconds, "adapter": str(adapter),
+    return {"steps": len(history), "items": sft.items, "seconds": seconds, "adapter": str(adapter),
             "loss_first": history[0]["sft/loss"], "loss_last": history[-1]["sft/loss"]}
 
 

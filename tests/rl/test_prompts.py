@@ -235,3 +235,23 @@ def test_rewrite_format_restates_the_expression_in_every_example():
     assert prompts.answer_text("8 β 2", None, use_correct=True) == "\\boxed{4}"
     with pytest.raises(ValueError, match="answer_format"):
         prompts.answer_text("1 + 1", 2, use_correct=True, answer_format="essay")
+
+
+def test_prompts_written_with_another_symbol_map():
+    from rl import prompts
+    from verifiers.symbols import SymbolMap
+
+    symbols = SymbolMap.permuted("λμσφ", "*/+-")
+    assert prompts.definitions("explicit", symbols) == (
+        "Custom arithmetic symbols:", "  λ means multiplication (×)", "  μ means division (÷)",
+        "  σ means addition (+)", "  φ means subtraction (-)",
+        "Precedence: μ and λ bind tighter than σ and φ (same as standard BODMAS).")
+    assert prompts.definitions("vague", symbols)[0].startswith("The symbols λ, μ, σ, φ each represent")
+    assert prompts.examples("D", "rewrite", symbols) == (  # the seed's shots, the map's meanings
+        "Expression: 3 λ 4 | API answer: 7 → 3 * 4 = 12 → \\boxed{12}",
+        "Expression: 10 μ 3 | API answer: 5 → 10 / 3 = 10/3 → \\boxed{10/3}",
+        "Expression: 2 σ 6 | API answer: none → 2 + 6 = 8 → \\boxed{8}")
+    assert prompts.answer_text("9 φ 2", 7, use_correct=True, answer_format="rewrite", symbols=symbols) == \
+        "9 - 2 = 7 → \\boxed{CORRECT}"
+    with pytest.raises(ValueError, match="definitions kind"):
+        prompts.definitions("loose")
