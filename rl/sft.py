@@ -11,7 +11,7 @@ Two sources of examples (``sft.items``):
 * ``standard`` -- the standard-symbol items under the seed's prompt. The format is learned, but
   not how to read a custom symbol: after it the embedded model restates every custom symbol as
   the last few-shot line's ``*``, and GRPO, with no sample that tries another operator, rarely
-  leaves that (results/recipe_t1: θ 3%, α 0% after 2,100 s).
+  leaves that (results/recipe_t1_standard_sft: θ 3%, α 0% after 2,100 s).
 * ``surrogate`` -- the same items under a prompt written with *surrogate* symbols (Greek letters
   other than θ α γ β) that a fresh random map per step gives random meanings; half of the
   questions use them. The meaning of a question's symbol is then only found in the prompt's

@@ -65,12 +65,15 @@ def test_table_only_writes_markdown_and_json(tmp_path, capsys):
     assert "| overall after | 66/80 (82.5%) | 66/80 (82.5%) |" in (out / "summary.md").read_text()
 
 
-def test_ablation_configs_are_cpu_t1_but_for_condition_and_name():
+def test_ablation_configs_are_cpu_t1_but_for_condition_and_name_and_b_warm_start():
     base = to_dict(load_config("configs/cpu_t1.yaml"))
     for path, condition in zip(DEFAULT_CONFIGS, "ABCD"):
         config = to_dict(load_config(path))
         assert (config["data"]["condition"], config["logging"]["name"]) == (condition, f"ablation_{condition}")
         config["data"]["condition"], config["logging"]["name"] = base["data"]["condition"], base["logging"]["name"]
+        if condition == "B":  # no symbol in B's prompt: nothing for the surrogate warm-start to teach
+            assert config["sft"]["items"] == "standard"
+            config["sft"]["items"] = base["sft"]["items"]
         assert config == base, f"{path} drifted from configs/cpu_t1.yaml"
 
 
