@@ -217,10 +217,12 @@ def _train_and_evaluate(config, run: Path, parts: Parts, train_tasks, test_tasks
         seed=config.data.seed, time_budget_s=algo.max_train_seconds, stall_steps=config.logging.stall_steps)
     sink = sinks_for(config.logging.tracker, run)
     start = time.perf_counter()
+    last: dict = {}  # the last step, its data stream, and its checkpoint (None: not saved)
     with GracefulStop() as stop:  # entered after ray.init, which installs a SIGTERM handler of its own
         def on_step_end(step: int, metrics: dict, stream) -> None:
             due = is_due(step, config.checkpoint.every_steps, algo.steps)
             folder = _save(manager, run, learner, step, stream) if due or stop.requested else None
+            last.update(step=step, stream=stream, folder=folder)
             if stop.requested:
                 raise TrainingStopped(step + 1, folder)
 
@@ -232,6 +234,8 @@ def _train_and_evaluate(config, run: Path, parts: Parts, train_tasks, test_tasks
             print(f"stopped by signal after step {stopped.step}; checkpoint {stopped.checkpoint}; "
                   f"continue with --set checkpoint.resume=true")
             return {**results, "stopped_at_step": stopped.step}
+    if last and last["folder"] is None:  # the time budget ended the run between scheduled saves
+        _save(manager, run, learner, last["step"], last["stream"])
     results["train_seconds"] = spent_s + (history[-1]["time/train_seconds"] - spent_s if history else 0.0)
     results["steps"] = start_step + len(history)
     results["reward_curve"] = [round(m["reward/mean"], 4) for m in history]

@@ -25,10 +25,18 @@ def test_smoke_config_trains_checkpoints_and_reports(tmp_path, capsys):
     assert (checkpoint / "adapter" / "adapter_config.json").exists() and (checkpoint / "meta.json").exists()
     assert (checkpoint / "adapter" / "adapter_model.safetensors").exists() and (checkpoint / "learner_state.pt").exists()
     assert (run / "config.yaml").exists() and (run / "upstream_cache.sqlite").exists()
-    # a rerun into the same folder pays for no upstream answer twice
+    # a rerun on the same answer cache pays for no upstream answer twice; a run that its time budget
+    # ends between scheduled checkpoints still saves its last step
     capsys.readouterr()
-    assert train.main(argv + ["--set", "algorithm.steps=1", "--set", "eval.at_start=false"]) == 0
-    assert "upstream: 40 answers (40 from the cache)" in capsys.readouterr().out
+    rerun = tmp_path / "rerun"
+    assert train.main(argv + ["--set", "algorithm.steps=3", "--set", "eval.at_start=false",
+                              "--set", "algorithm.max_train_seconds=0.001", "--set", "checkpoint.every_steps=0",
+                              "--set", f"logging.run_dir={rerun}",
+                              "--set", f"upstream.cache_path={run / 'upstream_cache.sqlite'}"]) == 0
+    out = capsys.readouterr().out
+    assert "upstream: 40 answers (40 from the cache)" in out and "time budget reached after step 0" in out
+    assert json.loads((rerun / "results.json").read_text())["steps"] == 1
+    assert (rerun / "checkpoints" / "step_000001" / "adapter" / "adapter_config.json").exists()
 
 
 def test_bad_config_is_a_clear_error(tmp_path, capsys):
