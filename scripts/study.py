@@ -36,6 +36,8 @@ EVIDENCE = ("config.yaml", "results.json", "metrics.jsonl", "sft_metrics.jsonl",
             "eval_after_sft.jsonl", "eval_after.jsonl", "train.log")
 LEARNED = 0.8
 """A symbol counts as learned at the first periodic evaluation with at least this accuracy."""
+REWARD_BLOCK = 10
+"""Steps per point of the report's training-reward line."""
 
 
 def load_spec(path: Path) -> dict:
@@ -120,6 +122,16 @@ def _pct(x: float | None) -> str:
     return "–" if x is None else f"{100 * x:.0f}%"
 
 
+def reward_blocks(curve: list[float], size: int = REWARD_BLOCK) -> list[float]:
+    """The training reward curve as means of consecutive blocks of ``size`` steps (the last
+    block may be shorter): a per-step curve of 4 prompts x 8 completions is too noisy to read.
+
+    >>> reward_blocks([0.0, 0.5, 1.0], size=2)
+    [0.25, 1.0]
+    """
+    return [round(sum(block) / len(block), 3) for block in (curve[i:i + size] for i in range(0, len(curve), size))]
+
+
 def markdown(spec: dict, rows: list[dict], command: str) -> str:
     symbols = [s for s in ("θ", "α", "γ", "β", "+", "-", "*", "/") if any(s in r["by_symbol"] for r in rows)]
     lines = [f"# Study `{spec['name']}`", "", spec.get("about", "").strip(), "",
@@ -149,6 +161,10 @@ def markdown(spec: dict, rows: list[dict], command: str) -> str:
     lines += ["", "## The runs", ""]
     for r in rows:
         lines += [f"### `{r['name']}`", "", r["about"], "", "Overrides: " + ", ".join(f"`{s}`" for s in r["set"]), ""]
+        if r["reward_curve"]:
+            blocks = ", ".join(f"{x:.2f}" for x in reward_blocks(r["reward_curve"]))
+            lines += [f"Training reward (mean over the sampled completions), per {REWARD_BLOCK} GRPO steps: "
+                      f"{blocks}.", ""]
         if r["eval_curve"]:
             lines += ["| step | train s | custom | standard | " + " | ".join(symbols[:4]) + " |",
                       "|---|---|---|---|" + "---|" * len(symbols[:4])]
