@@ -160,8 +160,11 @@ class AlgorithmConfig:
     max_refill_rounds: int = knob(0, "Extra rollout rounds to refill a batch thinned by "
                                   "filter_zero_variance (DAPO dynamic sampling); 0: train on what is left.",
                                   ge=0, le=100)
-    async_off_policy_steps: int = knob(0, "How many policy versions rollouts may lag the learner; "
-                                       "0 is synchronous.", ge=0, le=64)
+    async_off_policy_steps: int = knob(0, "Asynchronous GRPO: the rollouts of step s start once step "
+                                       "s - k - 1 is learned, so generation overlaps learning and a "
+                                       "batch lags the learner by at most k policy versions "
+                                       "(async/policy_lag; tis_cap corrects it). 0 is synchronous.",
+                                       ge=0, le=64)
     max_train_seconds: Optional[float] = knob(None, "Wall-clock budget of training (the SFT stage "
                                               "included, periodic evaluation excluded): the run ends "
                                               "after the step that crosses it. null: algorithm.steps "

@@ -11,8 +11,10 @@ One step, as a flat list of timed phases:
 4. ``learn`` — one optimizer step of the learner over the kept groups;
 5. ``sync`` — the learner's LoRA tensors go to the engine under the new version.
 
-The loop holds nothing but the interfaces in rl/interfaces.py; the Ray trainer wires actor groups that
-satisfy them. Variants (async, off-policy) wrap the phases, they do not live in this function.
+Phases 1-3 are :func:`collect`, 4-5 :func:`learn`. With ``max_policy_lag`` (the config's
+``algorithm.async_off_policy_steps``) above 0 the rollouts of the next steps are collected in a
+background thread while the learner learns (rl/rollout_ahead.py). The loop holds nothing but
+the interfaces in rl/interfaces.py; the Ray trainer wires actor groups that satisfy them.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import torch
 from rl.grpo import group_advantages, select_informative_groups
 from rl.interfaces import Learner, RolloutEngine
 from rl.records import Prompt, SamplingParams, TrainGroup
+from rl.rollout_ahead import Batch, RolloutsAhead, RolloutsNow, SerializedEngine, exclusive
 from verifiers.rewards import Example, RewardResult
 from verifiers.symbols import symbols_in
 
@@ -64,6 +67,7 @@ class LoopSettings:
     seed: int = 0
     time_budget_s: float | None = None
     stall_steps: int = 5
+    max_policy_lag: int = 0
 
 
 @dataclass
@@ -79,6 +83,14 @@ class StepTimer:
             yield
         finally:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+
+@dataclass(frozen=True)
+class StreamPosition:
+    """Where the item stream stood after a step's batch: what a checkpoint of the step saves
+    (with rollouts ahead, the live stream is already further on)."""
+
+    position: int
 
 
 class ItemStream:
@@ -240,17 +252,26 @@ class StallWatch:
                   file=self.stream or sys.stderr, flush=True)
 
 
-def train_step(step, stream, engine: RolloutEngine, learner: Learner, score: Scorer, settings) -> dict:
-    """One GRPO step; returns its metrics (including ``timing/*`` and one decoded sample)."""
+def collect(step, stream, engine: RolloutEngine, score: Scorer, settings) -> Batch:
+    """The rollout half of a step: sampled, scored and filtered groups (phases rollout, verify)."""
     timer = StepTimer()
     sampled, kept, dropped = _collect(step, stream, engine, score, settings, timer)
+    return Batch(step, sampled, kept, dropped, dict(timer.seconds), stream.position)
+
+
+def learn(batch: Batch, engine: RolloutEngine, learner: Learner, settings) -> dict:
+    """The learning half of a step: advantages, one learner step, the weights to the engine;
+    returns the step's metrics (including ``timing/*`` and one decoded sample)."""
+    timer = StepTimer(dict(batch.seconds))
+    sampled, kept = batch.sampled, batch.kept
     metrics = rollout_metrics(sampled)
     metrics["groups/sampled"] = len(sampled)
-    metrics["groups/zero_variance_dropped"] = dropped
+    metrics["groups/zero_variance_dropped"] = batch.dropped
     metrics["groups/kept"] = len(kept)
     with timer.phase("advantages"):
         groups = _train_groups(kept, settings)
     if groups:
+        metrics["async/policy_lag"] = learner.policy_version - min(g.policy_version for g in groups)
         with timer.phase("learn"):
             stats = learner.train_step(groups)
         metrics.update({f"learn/{k}": v for k, v in vars(stats).items() if isinstance(v, (int, float))})
@@ -267,8 +288,13 @@ def train_step(step, stream, engine: RolloutEngine, learner: Learner, score: Sco
     return metrics
 
 
+def train_step(step, stream, engine: RolloutEngine, learner: Learner, score: Scorer, settings) -> dict:
+    """One synchronous GRPO step: :func:`collect`, then :func:`learn`."""
+    return learn(collect(step, stream, engine, score, settings), engine, learner, settings)
+
+
 def train(items: Sequence[TrainItem], engine, learner, score: Scorer, settings: LoopSettings,
-          sink: MetricsSink, on_step_end: Callable[[int, dict, ItemStream], None] | None = None,
+          sink: MetricsSink, on_step_end: Callable[[int, dict, StreamPosition], None] | None = None,
           start_step: int = 0, data_position: int = 0,
           evaluate: Callable[[int], dict] | None = None, spent_s: float = 0.0) -> list[dict]:
     """Run steps ``start_step .. settings.steps - 1``; every step's metrics go to ``sink``.
@@ -279,24 +305,44 @@ def train(items: Sequence[TrainItem], engine, learner, score: Scorer, settings: 
 
     ``data_position`` is where the item stream resumes (a checkpoint's ``stream.position``);
     ``evaluate(step)`` returns extra metrics logged with the step's (periodic held-out
-    evaluation); ``on_step_end(step, metrics, stream)`` is where the caller checkpoints.
+    evaluation); ``on_step_end(step, metrics, position)`` is where the caller checkpoints:
+    ``position.position`` is the item stream's position after the step's batch.
     """
     stream = ItemStream(items, settings.seed, data_position)
+    if settings.max_policy_lag:
+        engine = SerializedEngine(engine)
+        rollouts = RolloutsAhead(lambda step: collect(step, stream, engine, score, settings),
+                                 start_step, settings.steps, settings.max_policy_lag)
+    else:
+        rollouts = RolloutsNow(lambda step: collect(step, stream, engine, score, settings))
+    try:
+        return _run(rollouts, engine, learner, settings, sink, on_step_end, start_step, evaluate, spent_s)
+    finally:
+        rollouts.close()
+
+
+def _run(rollouts, engine, learner, settings, sink, on_step_end, start_step, evaluate, spent_s) -> list[dict]:
     watch = StallWatch(settings.stall_steps)
     history = []
     for step in range(start_step, settings.steps):
         start = time.perf_counter()
-        metrics = train_step(step, stream, engine, learner, score, settings)
+        batch = rollouts.next(step)
+        waited = time.perf_counter() - start
+        metrics = learn(batch, engine, learner, settings)
+        rollouts.step_done()
         spent_s += time.perf_counter() - start
-        metrics["data/position"] = stream.position
+        if settings.max_policy_lag:
+            metrics["timing/rollout_wait"] = waited
+        metrics["data/position"] = batch.position
         metrics["time/train_seconds"] = spent_s
         watch.update(step, metrics)
         if evaluate is not None:
-            metrics.update(evaluate(step))
+            with exclusive(engine):  # no rollout ahead shares the engine with the evaluation
+                metrics.update(evaluate(step))
         sink.log(step, metrics)
         history.append(metrics)
         if on_step_end is not None:
-            on_step_end(step, metrics, stream)
+            on_step_end(step, metrics, StreamPosition(batch.position))
         if settings.time_budget_s is not None and spent_s >= settings.time_budget_s:
             print(f"time budget reached after step {step}: {spent_s:.0f} s of training "
                   f"(algorithm.max_train_seconds = {settings.time_budget_s:g})", flush=True)

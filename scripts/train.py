@@ -214,7 +214,8 @@ def _train_and_evaluate(config, run: Path, parts: Parts, train_tasks, test_tasks
         steps=algo.steps, prompts_per_step=algo.prompts_per_step, group_size=config.rollout.group_size,
         sampling=_sampling(config, evaluation=False), advantage_scale=algo.advantage_scale,
         filter_zero_variance=algo.filter_zero_variance, max_refill_rounds=algo.max_refill_rounds,
-        seed=config.data.seed, time_budget_s=algo.max_train_seconds, stall_steps=config.logging.stall_steps)
+        seed=config.data.seed, time_budget_s=algo.max_train_seconds, stall_steps=config.logging.stall_steps,
+        max_policy_lag=algo.async_off_policy_steps)
     sink = sinks_for(config.logging.tracker, run)
     start = time.perf_counter()
     last: dict = {}  # the last step, its data stream, and its checkpoint (None: not saved)

@@ -80,3 +80,23 @@ def test_engines_follow_the_learner_bit_for_bit_and_faults_are_survived(ray_run)
     assert all(learner == engine for learner, engine in versions)
     states = ray.get([a.policy_version.remote() for a in parts.engine.actors])
     assert states == [3, 3]
+
+
+@pytest.mark.slow
+def test_async_rollouts_on_ray_lag_at_most_one_version(ray_run):
+    parts, tokenizer = ray_run
+    start = parts.learner.policy_version
+    settings = LoopSettings(steps=4, prompts_per_step=2, group_size=4,
+                            sampling=SamplingParams(max_new_tokens=2, temperature=1.0, seed=0),
+                            filter_zero_variance=False, max_policy_lag=1)
+
+    def after_step(step, metrics, stream):
+        _assert_engines_match(parts)  # the rollouts ahead only read the weights
+        assert parts.engine.policy_version == metrics["policy_version"]
+
+    history = train(_items(tokenizer), parts.engine, parts.learner, parts.score, settings, Sink(),
+                    on_step_end=after_step)
+    assert [m["policy_version"] for m in history] == [start + 1, start + 2, start + 3, start + 4]
+    lags = [m["async/policy_lag"] for m in history]
+    assert lags[0] == 0 and set(lags) <= {0, 1}
+    assert 1 in lags  # a batch made while the step before it learned (all of them, in practice)
