@@ -42,8 +42,8 @@ class JsonlSink:
 class ConsoleSink:
     """One line per step: the key numbers, the step's seconds, and the decoded sample."""
 
-    def __init__(self, stream: TextIO = sys.stdout):
-        self.stream = stream
+    def __init__(self, stream: TextIO | None = None):
+        self.stream = stream  # None: whatever sys.stdout is when a line is written
 
     def log(self, step: int, metrics: dict) -> None:
         parts = [f"step {step:4d}"]
@@ -53,7 +53,7 @@ class ConsoleSink:
         sample = metrics.get("sample")
         if sample:
             parts.append(f"sample={sample['completion'][:60]!r}→{sample['reward']:g}")
-        print("  ".join(parts), file=self.stream, flush=True)
+        print("  ".join(parts), file=self.stream or sys.stdout, flush=True)
 
 
 class TensorBoardSink:
