@@ -107,6 +107,18 @@ def build_ray(config, run: Path) -> RayRun:
                                  str(config.upstream.cache_path or run / "upstream_cache.sqlite"),
                                  config.upstream.max_concurrency)[0]
     learner = groups.LearnerGroup(learners)
-    engine = groups.EngineGroup(engines, groups.ObjectStorePush())
-    engine.update_adapter(learner.policy_version, learner.export_adapter())  # one starting point
+    kind = weight_sync_transport(the_plan, config.rollout.num_engines, cl.weight_sync)
+    print(f"weight sync: {kind}")
+    engine = groups.EngineGroup(engines, groups.LearnerPush(kind, learners[0], engines))
+    engine.sync_from(learner)  # one starting point
     return RayRun(engine, learner, groups.VerifierPool(verifiers), upstream, the_plan, pg)
+
+
+def weight_sync_transport(the_plan, num_engines: int, requested: str) -> str:
+    """The transport from the learner to every engine (:meth:`cluster.placement.Plan.transport`
+    per engine, in cluster/weight_sync.py's names). One transport serves all engines: where
+    ``auto`` would pick different ones (some engines on the learner's card, some not), the
+    one that works for all is used, the object store."""
+    names = {"ipc": "cuda_ipc"}
+    kinds = {names.get(k, k) for k in (the_plan.transport(i, requested) for i in range(num_engines))}
+    return kinds.pop() if len(kinds) == 1 else "object_store"

@@ -7,17 +7,21 @@ slice the data before it is put in the object store (each engine receives only i
 
 Faults: verifier actors restart when they die and their tasks are retried (``max_restarts``,
 ``max_task_retries``), so a crashed verifier costs a retry, not the run. Rollout engines
-restart too (they reload the base model and get the current adapter before the next
-generation); a generate call that was running on an engine that died is retried once. A dead
+restart too (they reload the base model; before the next generation the weight-sync
+transport is opened anew, every rank of a gloo/NCCL group included, and the current adapter
+pushed); a generate call that was running on an engine that died is retried once. A dead
 learner ends the run (its optimizer state lives only there): resume from the last checkpoint.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import ray
+
+if TYPE_CHECKING:
+    from cluster.weight_sync import SyncStats
 
 
 
@@ -39,20 +43,21 @@ def _shards(n_items: int, n_shards: int) -> list[range]:
 
 
 class EngineGroup:
-    """Rollout engines as one :class:`rl.interfaces.RolloutEngine`."""
+    """Rollout engines as one :class:`rl.interfaces.RolloutEngine`; ``sync``: the learner's
+    weight-sync transport to them (:class:`LearnerPush`)."""
 
-    def __init__(self, actors: Sequence, push: Callable[[Sequence, int, dict], None]):
+    def __init__(self, actors: Sequence, sync: LearnerPush):
         self.actors = list(actors)
-        self._push = push  # the weight-sync transport: push(actors, version, tensors)
+        self.sync = sync
         self.policy_version = ray.get(self.actors[0].policy_version.remote())
-        self._latest: dict | None = None
 
     def _resync_restarted(self) -> None:
-        """An engine that restarted came back with the initial adapter: give it the latest."""
+        """An engine that restarted came back with the initial adapter and no transport: open
+        the transport anew (a collective group must be rebuilt with every rank) and push."""
         versions = ray.get([actor.policy_version.remote() for actor in self.actors])
-        stale = [a for a, v in zip(self.actors, versions) if v != self.policy_version]
-        if stale and self._latest is not None:
-            self._push(stale, self.policy_version, self._latest)
+        if any(v != self.policy_version for v in versions):
+            self.sync.open()
+            self.policy_version = self.sync.push().version
 
     def generate(self, prompts, n, sampling):
         self._resync_restarted()
@@ -64,9 +69,19 @@ class EngineGroup:
             completions += [dataclasses.replace(c, prompt_index=shard.start + c.prompt_index) for c in part]
         return completions
 
+    def sync_from(self, learner) -> SyncStats:
+        """The learner's current adapter, sent by its actor straight to every engine."""
+        self._resync_restarted()
+        stats = self.sync.push()
+        self.policy_version = stats.version
+        return stats
+
     def update_adapter(self, version: int, tensors: dict) -> None:
-        self._push(self.actors, version, tensors)
-        self.policy_version, self._latest = version, tensors
+        """Tensors held by the driver, through the object store (one ``ray.put``)."""
+        ref = ray.put(tensors)
+        versions = ray.get([actor.load_adapter.remote(version, ref) for actor in self.actors])
+        assert all(v == version for v in versions), f"engines report versions {versions}, sent {version}"
+        self.policy_version = version
 
     def adapter_states(self) -> list[dict]:
         return ray.get([actor.adapter_state.remote() for actor in self.actors])
@@ -112,19 +127,31 @@ class VerifierPool:
         return [result for part in ray.get(refs) for result in part]
 
 
-class ObjectStorePush:
-    """The CPU transport of the trainer: one ``ray.put`` of the dtype-bucketed tensors
-    (:mod:`cluster.weight_sync`), fetched by every engine from shared memory."""
+class LearnerPush:
+    """Weight sync from the learner actor to the engine actors over ``kind`` (``gloo``,
+    ``nccl``, ``cuda_ipc`` or ``object_store``, :mod:`cluster.weight_sync`): the tensors go
+    from the learner's process to the engines' without passing through the driver. The learner
+    is rank 0 and engine i rank i + 1 of a collective transport."""
 
-    def __init__(self):
-        from cluster.weight_sync import ObjectStoreSender
+    def __init__(self, kind: str, learner_actor, engine_actors: Sequence):
+        self.kind, self.learner, self.engines = kind, learner_actor, list(engine_actors)
+        self.open()
 
-        self.sender = ObjectStoreSender()
+    def open(self) -> None:
+        """(Re)build both ends, the learner's first (it hosts a collective group's store), then
+        every engine's; a collective group connects on the first push."""
+        world = len(self.engines) + 1
+        address = ray.get(self.learner.open_weight_sync.remote(self.kind, world))
+        ray.get([engine.open_weight_sync.remote(self.kind, address, rank, world)
+                 for rank, engine in enumerate(self.engines, start=1)])
 
-    def __call__(self, actors: Sequence, version: int, tensors: dict) -> None:
-        ticket = self.sender.push(version, tensors).ticket
-        versions = ray.get([actor.sync.remote(ticket) for actor in actors])
-        assert all(v == version for v in versions), f"engines report versions {versions}, pushed {version}"
+    def push(self) -> SyncStats:
+        from cluster.weight_sync import sync_round
+
+        stats, versions = sync_round(self.kind, self.learner.push_weights.remote,
+                                     [lambda ticket, e=e: e.sync.remote(ticket) for e in self.engines])
+        assert all(v == stats.version for v in versions), f"engines report {versions}, pushed {stats.version}"
+        return stats
 
 
 def engine_options(plan, pg, index: int) -> dict:

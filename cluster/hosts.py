@@ -22,6 +22,12 @@ def _set_threads(cpus: float) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
 
 
+def _close(end) -> None:
+    """Close a weight-sync end that holds a connection (a process group); others hold none."""
+    if end is not None and hasattr(end, "close"):
+        end.close()
+
+
 class EngineHost:
     """A rollout engine (HF here; vLLM on GPUs) in its own actor."""
 
@@ -30,15 +36,27 @@ class EngineHost:
 
         _set_threads(cpus)
         self.engine = HFRolloutEngine(**engine_kwargs)
+        self.receiver = None
 
     def generate(self, prompts, n, sampling):
         return self.engine.generate(prompts, n, sampling)
 
-    def sync(self, ticket) -> int:
-        """Receive a pushed adapter (an object-store ticket) and swap it in between generations."""
-        from cluster.weight_sync import ObjectStoreReceiver
+    def open_weight_sync(self, kind: str, address=None, rank: int = 1, world_size: int = 2) -> None:
+        """Become rank ``rank`` of a weight-sync transport (closing the previous one)."""
+        from cluster.weight_sync import make_receiver
 
-        version, tensors = ObjectStoreReceiver().receive(ticket)
+        _close(self.receiver)
+        self.receiver = make_receiver(kind, address, rank, world_size, str(self.engine.device))
+
+    def sync(self, ticket) -> int:
+        """Receive the learner's push (its ticket, or None on a collective transport) and swap
+        the adapter in between generations."""
+        version, tensors = self.receiver.receive(ticket)
+        self.engine.update_adapter(version, tensors)
+        return self.engine.policy_version
+
+    def load_adapter(self, version: int, tensors: dict) -> int:
+        """Swap in tensors sent by the driver (through the object store)."""
         self.engine.update_adapter(version, tensors)
         return self.engine.policy_version
 
@@ -62,6 +80,7 @@ class LearnerHost:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0",
                           LOCAL_RANK="0", WORLD_SIZE="1")
         self.learner = Learner(**learner_kwargs)
+        self.sender = None
 
     def train_step(self, groups, objective="grpo"):
         stats = self.learner.train_step(groups, objective)
@@ -69,6 +88,19 @@ class LearnerHost:
 
     def export_adapter(self) -> tuple[int, dict]:
         return self.learner.policy_version, self.learner.export_adapter()
+
+    def open_weight_sync(self, kind: str, world_size: int):
+        """Become the sending end (rank 0) of a weight-sync transport to ``world_size - 1``
+        engines, closing the previous one; returns the address receivers join (or None)."""
+        from cluster.weight_sync import make_sender
+
+        _close(self.sender)
+        self.sender = make_sender(kind, world_size, str(self.learner.device))
+        return getattr(self.sender, "address", None)
+
+    def push_weights(self):
+        """Send the adapter under the current version; the sender's SyncStats (with its ticket)."""
+        return self.sender.push(self.learner.policy_version, self.learner.export_adapter())
 
     def save_adapter(self, path: str) -> str:
         return str(self.learner.save_adapter(path))

@@ -181,11 +181,13 @@ class Plan:
 
     def transport(self, engine: int, requested: str = "auto", learner: int = 0) -> str:
         """The weight-sync transport between ``learner`` and rollout ``engine``: ipc (same card),
-        nccl (different GPUs) or gloo (either end on CPU). An explicit ``requested`` transport is
-        returned when the layout allows it, else PlacementError."""
+        nccl (different GPUs); with either end on CPU the object store on one node (shared
+        memory: about 3x faster than gloo over loopback, results/bench_weight_sync.json) and gloo
+        across nodes. An explicit ``requested`` transport is returned when the layout allows
+        it, else PlacementError."""
         a, b = self.actor("learner", learner), self.actor("rollout", engine)
         if not a.cards or not b.cards:
-            auto = "gloo"
+            auto = "object_store" if a.node_id == b.node_id else "gloo"
         else:
             auto = "ipc" if a.node_id == b.node_id and set(a.cards) & set(b.cards) else "nccl"
         if requested in ("auto", auto) or requested in ("gloo", "object_store"):

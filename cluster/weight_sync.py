@@ -29,7 +29,8 @@ and every completion carries the version it was sampled with.
 - ``"object_store"``: ``ray.put`` of the header and the buckets (numpy bytes, so same-node readers
   map them without a copy); the fallback when no torch.distributed backend fits.
 For the last two, ``push`` returns a ticket (in ``SyncStats.ticket``) that the controller passes
-to every ``receive``. ``choose_transport`` picks one from the placement.
+to every ``receive``. :meth:`cluster.placement.Plan.transport` picks one from the placement;
+:func:`make_sender` / :func:`make_receiver` build the ends by name.
 
 Addresses across hosts: see ``cluster.weight_sync_dist`` (the store listens on the node's Ray
 IP, and the socket interface is pinned to the one that holds it).
@@ -218,34 +219,6 @@ class WeightReceiver(ABC):
     def receive(self, ticket: Any = None) -> tuple[int, dict[str, Tensor]]: ...
 
 
-def choose_transport(shared_card: bool, gpus: bool,
-                     backend_available: Callable[[str], bool] | None = None) -> str:
-    """The transport for an engine placed relative to the learner.
-
-    shared_card: the engine runs on the learner's GPU (fractional packing); gpus: both ends hold
-    GPUs; backend_available: ``torch.distributed.is_backend_available`` unless given.
-
-    >>> choose_transport(True, True, lambda b: True)
-    'cuda_ipc'
-    >>> choose_transport(False, True, lambda b: True)
-    'nccl'
-    >>> choose_transport(False, False, lambda b: b == "gloo")
-    'gloo'
-    >>> choose_transport(False, True, lambda b: False)
-    'object_store'
-    """
-    if shared_card and not gpus:
-        raise ValueError("shared_card=True needs gpus=True: only GPUs are shared")
-    available = backend_available or torch.distributed.is_backend_available
-    if shared_card:
-        return "cuda_ipc"
-    if gpus and available("nccl"):
-        return "nccl"
-    if not gpus and available("gloo"):
-        return "gloo"
-    return "object_store"
-
-
 def sync_round(kind: str, push: Callable[[], Any], receives: Sequence[Callable[[Any], Any]]
                ) -> tuple[SyncStats, list[Any]]:
     """Run one push on Ray actors: ``push()`` and each ``receives[i](ticket)`` return ObjectRefs
@@ -310,3 +283,38 @@ class ObjectStoreReceiver(WeightReceiver):
             buffers = [torch.from_numpy(a).to(self.device).view(b.dtype)
                        for a, b in zip(arrays, header.buckets)]
         return header.version, unpack(header, buffers)
+
+
+# ---------------------------------------------------------------------------- ends by name
+
+
+def make_sender(kind: str, world_size: int, device: str = "cpu") -> WeightSender:
+    """The learner's end of transport ``kind`` (``gloo``, ``nccl``, ``cuda_ipc`` or
+    ``object_store``) for a group of the learner and ``world_size - 1`` engines."""
+    if kind in COLLECTIVE:
+        from cluster.weight_sync_dist import TorchDistributedSender
+
+        return TorchDistributedSender(world_size, kind)
+    if kind == "cuda_ipc":
+        from cluster.weight_sync_ipc import CudaIpcSender
+
+        return CudaIpcSender(device)
+    if kind == "object_store":
+        return ObjectStoreSender()
+    raise ValueError(f"weight-sync transport {kind!r} is not one of {TRANSPORTS}")
+
+
+def make_receiver(kind: str, address: Any, rank: int, world_size: int, device: str = "cpu") -> WeightReceiver:
+    """Engine ``rank`` (1..world_size-1)'s end of transport ``kind``; ``address``: the
+    sender's (collective transports only)."""
+    if kind in COLLECTIVE:
+        from cluster.weight_sync_dist import TorchDistributedReceiver
+
+        return TorchDistributedReceiver(address, rank, world_size, kind)
+    if kind == "cuda_ipc":
+        from cluster.weight_sync_ipc import CudaIpcReceiver
+
+        return CudaIpcReceiver()
+    if kind == "object_store":
+        return ObjectStoreReceiver(device)
+    raise ValueError(f"weight-sync transport {kind!r} is not one of {TRANSPORTS}")

@@ -261,8 +261,10 @@ class ClusterConfig:
                                     "(microseconds), reserve some for heavy SymPy rewards.", ge=0, le=1024)
     placement_strategy: str = knob("PACK", "Ray placement-group strategy.",
                                    choices=("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"))
-    weight_sync: str = knob("auto", "LoRA transport: ipc (same card), nccl (other GPUs), gloo or "
-                            "object_store (CPU); auto picks from where the two ends live.",
+    weight_sync: str = knob("auto", "LoRA transport from the learner to the engines: ipc (same card), "
+                            "nccl (other GPUs), gloo or object_store (CPU); auto picks from the "
+                            "placement: ipc, nccl, and on CPU the object store on one node, gloo "
+                            "across nodes.",
                             choices=("auto", "ipc", "nccl", "gloo", "object_store"))
 
 

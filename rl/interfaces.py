@@ -17,6 +17,9 @@ The rollout engine's contract:
   ``peft.get_peft_model_state_dict`` names them (``base_model.model.<module>.lora_A.weight``)
   and must cover every LoRA tensor. It applies atomically between generate calls: a generate
   sees either the old weights or the new ones, never a mix.
+- optionally ``sync_from(learner)``: take the learner's current adapter over a transport of
+  the engine's own (the Ray engine group: straight from the learner's process, gloo / NCCL /
+  CUDA IPC / object store); :func:`sync_adapter` prefers it to ``update_adapter``.
 - ``policy_version`` is the version of the weights now loaded (0 until the first update,
   unless an initial adapter says otherwise).
 
@@ -50,3 +53,15 @@ class Learner(Protocol):
     def train_step(self, groups: list[TrainGroup]) -> Any: ...
 
     def export_adapter(self) -> dict[str, Any]: ...
+
+
+def sync_adapter(engine: RolloutEngine, learner: Learner):
+    """Give the engine the learner's current adapter: the one way every caller does it. An
+    engine with its own transport from the learner (``sync_from``, the Ray engine group) gets
+    the tensors from the learner's process directly and returns the push's
+    :class:`cluster.weight_sync.SyncStats`; any other engine takes them from
+    ``learner.export_adapter()`` (None)."""
+    if hasattr(engine, "sync_from"):
+        return engine.sync_from(learner)
+    engine.update_adapter(learner.policy_version, learner.export_adapter())
+    return None

@@ -30,7 +30,7 @@ from typing import Callable, Protocol, Sequence
 import torch
 
 from rl.grpo import group_advantages, select_informative_groups
-from rl.interfaces import Learner, RolloutEngine
+from rl.interfaces import Learner, RolloutEngine, sync_adapter
 from rl.records import Prompt, SamplingParams, TrainGroup
 from rl.rollout_ahead import Batch, RolloutsAhead, RolloutsNow, SerializedEngine, exclusive
 from verifiers.rewards import Example, RewardResult
@@ -276,7 +276,9 @@ def learn(batch: Batch, engine: RolloutEngine, learner: Learner, settings) -> di
             stats = learner.train_step(groups)
         metrics.update({f"learn/{k}": v for k, v in vars(stats).items() if isinstance(v, (int, float))})
         with timer.phase("sync"):
-            engine.update_adapter(learner.policy_version, learner.export_adapter())
+            sync = sync_adapter(engine, learner)
+        if sync is not None:
+            metrics.update({"sync/bytes": sync.bytes, "sync/push_seconds": sync.seconds})
     metrics["policy_version"] = learner.policy_version
     metrics.update({f"timing/{name}": seconds for name, seconds in timer.seconds.items()})
     if metrics.get("timing/rollout"):

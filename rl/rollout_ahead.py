@@ -64,6 +64,13 @@ class SerializedEngine:
         with self._lock:
             self.engine.update_adapter(version, tensors)
 
+    def sync_from(self, learner):
+        """:func:`rl.interfaces.sync_adapter` on the wrapped engine, serialized like an update."""
+        from rl.interfaces import sync_adapter
+
+        with self._lock:
+            return sync_adapter(self.engine, learner)
+
     @contextlib.contextmanager
     def exclusive(self):
         """Hold off rollouts while the caller uses the wrapped engine directly (an evaluation)."""

@@ -146,6 +146,7 @@ def run_ours(s: Settings) -> dict:
 
     from actors.learner import Learner
     from actors.rollout_hf import HFRolloutEngine
+    from rl.interfaces import sync_adapter
     from rl.loop import LoopSettings, TrainItem, train_step
     from rl.records import SamplingParams
     from verifiers.rewards import Example, get_reward
@@ -158,7 +159,7 @@ def run_ours(s: Settings) -> dict:
                       temperature=s.temperature, constant_normaliser=s.max_new_tokens,
                       seed=s.seed)
     engine = HFRolloutEngine(s.model, **lora, seed=s.seed)
-    engine.update_adapter(learner.policy_version, learner.export_adapter())
+    sync_adapter(engine, learner)
     rows = task_rows(_rows_needed(s), s.seed)
     items = [TrainItem(f"row{i}", p, Example(truth=r["truth"], api_answer=r["api"],
                                              question=r["expression"]), "custom")

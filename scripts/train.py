@@ -32,6 +32,8 @@ from typing import Any, Callable
 # Run as a file (also by `ray job submit --working-dir .`): import this checkout's packages.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from rl.interfaces import sync_adapter  # noqa: E402  (light: no torch)
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -125,7 +127,7 @@ def _in_process(config, run: Path) -> Parts:
 
     learner = Learner(**learner_kwargs(config, device_for(config.cluster.learner_gpus)))
     engine = HFRolloutEngine(**engine_kwargs(config, device_for(config.cluster.rollout_gpus_per_engine)))
-    engine.update_adapter(learner.policy_version, learner.export_adapter())  # one starting point
+    sync_adapter(engine, learner)  # one starting point
     reward = get_reward("binary")
     return Parts(engine, learner, lambda pairs: [reward(t, e) for t, e in pairs],
                  lambda requests: _answer_in_process(config, run, requests), lambda: None)
@@ -269,7 +271,7 @@ def _sft_stage(config, run: Path, tokenizer, items, engine, learner) -> dict:
     history = run_sft(learner, batches, sft.steps, sink.log,
                       out_of_time=lambda: budget is not None and time.perf_counter() - start >= budget)
     seconds = time.perf_counter() - start
-    engine.update_adapter(learner.policy_version, learner.export_adapter())
+    sync_adapter(engine, learner)
     adapter = learner.save_adapter(run / "sft" / "adapter")
     print(f"SFT warm-start: {len(history)} steps of {sft.batch_size} {sft.items} examples in {seconds:.0f} s; "
           f"loss {history[0]['sft/loss']:.3f} -> {history[-1]['sft/loss']:.3f}; adapter {adapter}", flush=True)
@@ -307,7 +309,7 @@ def _resume(config, manager, engine, learner) -> tuple[int, int]:
         return 0, 0
     meta = read_meta(folder)
     learner.load_state(folder)
-    engine.update_adapter(learner.policy_version, learner.export_adapter())  # the engines follow
+    sync_adapter(engine, learner)  # the engines follow
     restore_rng(meta["rng"])
     print(f"resumed from {folder}: step {meta['step']}, data position {meta['data_position']}, "
           f"policy version {learner.policy_version}")

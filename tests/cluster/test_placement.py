@@ -82,7 +82,10 @@ def test_request_that_does_not_fit_names_role_ask_and_nodes():
 def test_cpu_only_run():
     p = plan(req(), [node("n1", 4, 0)])
     assert all("GPU" not in b for b in p.bundles) and p.shared_cards == ()
-    assert p.transport(0) == "gloo" and p.transport(0, requested="object_store") == "object_store"
+    assert p.transport(0) == "object_store" and p.transport(0, requested="gloo") == "gloo"
+    spread = plan(req(cl=3, ce=3), [node("n1", 4, 0), node("n2", 4, 0)])  # no node holds both
+    assert spread.actor("learner", 0).node_id != spread.actor("rollout", 0).node_id
+    assert spread.transport(0) == "gloo"
     assert p.gpu_memory_utilization(0) is None
     with pytest.raises(PlacementError, match="GPUs do not fit.*need 1 cards, the cluster has 0"):
         plan(req(rg=1), [node("n1", 4, 0)])

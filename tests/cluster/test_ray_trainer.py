@@ -1,7 +1,10 @@
-"""The trainer's actor groups on a real local Ray cluster (CPU), with a tiny model.
+"""The trainer's actor groups on a real local Ray cluster (CPU), with a tiny model, once per
+weight-sync transport the trainer uses on CPU (the object store, auto's pick on one node, and
+gloo, its pick across nodes).
 
 After every step the engines hold the learner's adapter bit for bit under its version; a
-killed verifier and a killed rollout engine are restarted and the run completes.
+killed verifier and a killed rollout engine are restarted (the gloo group rebuilt with the new
+engine) and the run completes.
 """
 
 import pytest
@@ -17,17 +20,19 @@ from verifiers.rewards import Example
 from tests.tiny import build_word_model
 
 
-@pytest.fixture(scope="module")
-def ray_run(tmp_path_factory):
+@pytest.fixture(scope="module", params=["object_store", "gloo"])
+def ray_run(tmp_path_factory, request):
     path, tokenizer = build_word_model(tmp_path_factory.mktemp("word-llama"))
     run = tmp_path_factory.mktemp("run")
     config = load_config(None, [f"model.name_or_path={path}", "lora.rank=4", "lora.alpha=8",
                                 "learner.lr=0.01", "learner.warmup_fraction=0", "rollout.num_engines=2",
                                 "cluster.num_verifiers=2", "cluster.cpus_per_learner=1",
                                 "cluster.cpus_per_engine=0.5", "upstream.provider=local",
-                                f"upstream.model={path}", f"logging.run_dir={run}"])
+                                f"upstream.model={path}", f"logging.run_dir={run}",
+                                f"cluster.weight_sync={request.param}"])
     ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
     parts = build_ray(config, run)
+    assert parts.engine.sync.kind == request.param
     try:
         yield parts, tokenizer
     finally:
@@ -66,6 +71,8 @@ def test_engines_follow_the_learner_bit_for_bit_and_faults_are_survived(ray_run)
     def after_step(step, metrics, stream):
         _assert_engines_match(parts)
         versions.append((metrics["policy_version"], parts.engine.policy_version))
+        assert metrics["sync/bytes"] == sum(t.numel() * t.element_size()
+                                            for t in parts.learner.export_adapter().values())
 
     items = _items(tokenizer)
     train(items, parts.engine, parts.learner, parts.score, settings, Sink(), on_step_end=after_step)

@@ -23,7 +23,7 @@ import cluster.weight_sync as ws
 import cluster.weight_sync_dist as wsd
 from cluster.weight_sync import (
     Bucket, ObjectStoreReceiver, ObjectStoreSender, TensorMeta, alloc_buckets, as_bytes,
-    choose_transport, make_header, pack_bucket, plan_buckets, sync_round, unpack,
+    make_header, pack_bucket, plan_buckets, sync_round, unpack,
 )
 from cluster.weight_sync_dist import TorchDistributedReceiver, TorchDistributedSender
 from scripts.bench_weight_sync import AdapterShape, lora_shapes
@@ -115,12 +115,19 @@ def test_unpack_and_pack_reject_mismatches():
         pack_bucket(wrong, header.buckets[-1])
 
 
-def test_choose_transport():
+def test_module_doctests():
     failures, _ = doctest.testmod(ws, verbose=False)
     assert failures == 0
-    with pytest.raises(ValueError, match="shared_card"):
-        choose_transport(True, False)
-    assert choose_transport(False, False) == "gloo"  # this machine's torch has gloo
+
+
+def test_ends_by_name():
+    from cluster.weight_sync import make_receiver, make_sender
+    from cluster.weight_sync_dist import TorchDistributedReceiver
+
+    assert isinstance(make_sender("object_store", 3), ObjectStoreSender)
+    assert isinstance(make_receiver("gloo", ("127.0.0.1", 1), 1, 3), TorchDistributedReceiver)
+    with pytest.raises(ValueError, match="'carrier pigeon' is not one of"):
+        make_sender("carrier pigeon", 2)
 
 
 def test_interface_for_ip_and_pinning(monkeypatch):
