@@ -151,3 +151,37 @@ def build_shm_comm_op() -> str:
         already = any((root / SHM_COMM_OP).glob("*.so"))
         builder.load(verbose=False)  # compiles, or loads what is there
     return f"{SHM_COMM_OP} {'already built' if already else 'built'} in {root / SHM_COMM_OP}"
+
+
+# ---------------------------------------------------------------------------- data parallel
+
+
+def world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def all_reduce_sum(value: float) -> float:
+    """``value`` summed over the learner ranks (itself with one rank)."""
+    if world_size() == 1:
+        return value
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([float(value)], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return float(t.item())
+
+
+def all_ranks(flag: bool) -> bool:
+    """True when ``flag`` holds on every learner rank: one decision all ranks share (a rank
+    that stepped alone would wait forever in the gradient all-reduce)."""
+    if world_size() == 1:
+        return flag
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([1 if flag else 0], dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())

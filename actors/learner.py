@@ -263,11 +263,11 @@ class Learner:
         t0 = time.perf_counter()
         lr = self.engine.get_lr()[0]
         acc = self.backward_batch(groups, objective)
-        if acc.tokens == 0 and acc.finite:  # nothing to train on: no backward ran
+        if distributed.all_ranks(acc.tokens == 0 and acc.finite):  # no rank had a token to train
             grad_norm, applied = 0.0, False
         elif self.zero_stage == 0:  # plain param.grad: DeepSpeed would step on a NaN
-            grad_norm = self._grad_norm()
-            applied = math.isfinite(grad_norm)
+            grad_norm = self._grad_norm()  # this rank's, before the all-reduce
+            applied = distributed.all_ranks(math.isfinite(grad_norm))
             self.engine.step() if applied else self.engine.zero_grad()
         else:  # ZeRO 1/2 find a non-finite norm, clear their partitions and skip the update
             self.engine.step()
@@ -288,16 +288,22 @@ class Learner:
         """Forward and backward over all groups, micro-batch by micro-batch, leaving the batch's
         gradient accumulated (no step). A non-finite micro-batch loss ends the pass with a NaN
         gradient in every trained tensor, so that no stage can step on it."""
-        if not groups:
+        ranks = distributed.world_size()
+        if not groups and ranks == 1:
             raise ValueError("a step needs at least one group")
-        micro = pack_micro_batches(groups, self.micro_batch_tokens, self.shared_prefix)
+        micro = pack_micro_batches(groups, self.micro_batch_tokens, self.shared_prefix) if groups else []
         sft = objective == "sft"
         tensors = [self._tensors(units, with_rollout=not sft) for units in micro]
         agg = "token_mean" if sft else self.loss_kwargs["agg"]
-        counts = [normaliser(t["mask"], agg) for t in tensors]
-        total = sum(counts)
+        counts = [float(normaliser(t["mask"], agg)) for t in tensors]
+        # Data parallel: each rank's share of the global normaliser, times the ranks, since the
+        # step's all-reduce averages the ranks' gradients: the sum is the whole batch's loss.
+        total = distributed.all_reduce_sum(sum(counts)) / ranks
         acc = Accumulated(micro_batches=len(micro))
-        if int(total) == 0:
+        if int(total * ranks) == 0:
+            return acc
+        if not micro:  # a rank without groups still contributes (zero) gradients to the all-reduce
+            self.engine.backward(sum(p.sum() for p in self.params) * 0.0, scale_wrt_gas=False)
             return acc
         for t, count in zip(tensors, counts):
             loss, stats, entropy = self._micro_loss(t, sft)
@@ -417,7 +423,7 @@ class Learner:
         engine, opt = self.engine, self.engine.lr_scheduler.optimizer
         cuda = self.device.type == "cuda"
         return {
-            "format": 1, "zero_stage": self.zero_stage, "world_size": _world_size(),
+            "format": 1, "zero_stage": self.zero_stage, "world_size": distributed.world_size(),
             "hyper": _hyper(engine.lr_scheduler.base_lrs, opt.param_groups),
             "optimizer": engine.optimizer.state_dict(),
             "lr_scheduler": engine.lr_scheduler.state_dict(),
@@ -431,7 +437,7 @@ class Learner:
         """Restore :meth:`state_dict`'s output into a learner built with the same settings (the
         adapter weights come separately: :meth:`load_adapter`, before this). A different ZeRO
         stage, world size or optimizer hyperparameter is an error, not silently overwritten."""
-        current = {"zero_stage": self.zero_stage, "world_size": _world_size(),
+        current = {"zero_stage": self.zero_stage, "world_size": distributed.world_size(),
                    "hyper": _hyper(self.engine.lr_scheduler.base_lrs,
                                    self.engine.lr_scheduler.optimizer.param_groups)}
         diff = {k: (state.get(k), v) for k, v in current.items() if state.get(k) != v}
@@ -485,9 +491,5 @@ def _rank() -> int:
     return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
 
-def _world_size() -> int:
-    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-
-
 def _state_file() -> str:
-    return "learner_state.pt" if _world_size() == 1 else f"learner_state.rank{_rank()}.pt"
+    return "learner_state.pt" if distributed.world_size() == 1 else f"learner_state.rank{_rank()}.pt"

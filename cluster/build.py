@@ -88,6 +88,8 @@ def connect(address: str | None) -> None:
 
 
 def build_ray(config, run: Path) -> RayRun:
+    import ray
+
     from cluster import groups
     from cluster.hosts import EngineHost, LearnerHost, UpstreamHost, VerifierHost
     from cluster.placement import cluster_nodes, create_placement_group, plan, request_from_config
@@ -96,8 +98,10 @@ def build_ray(config, run: Path) -> RayRun:
     the_plan = plan(request_from_config(cl, config.rollout), cluster_nodes())
     print("placement:\n" + the_plan.describe())
     pg = create_placement_group(the_plan, name=f"api-adapter-{config.logging.name}")
-    learners = groups.make_group(LearnerHost, cl.num_learners, lambda i: groups.learner_options(the_plan, pg, i),
-                                 learner_kwargs(config, device_for(cl.learner_gpus)), cl.cpus_per_learner)
+    learner_host = ray.remote(LearnerHost)
+    learners = [learner_host.options(**groups.learner_options(the_plan, pg, rank)).remote(
+                    learner_kwargs(config, device_for(cl.learner_gpus)), cl.cpus_per_learner, rank, cl.num_learners)
+                for rank in range(cl.num_learners)]
     engines = groups.make_group(EngineHost, config.rollout.num_engines,
                                 lambda i: groups.engine_options(the_plan, pg, i),
                                 engine_kwargs(config, device_for(cl.rollout_gpus_per_engine)), cl.cpus_per_engine)

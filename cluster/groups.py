@@ -88,17 +88,42 @@ class EngineGroup:
 
 
 class LearnerGroup:
-    """The learner actor as one :class:`rl.interfaces.Learner` (one rank for now)."""
+    """Data-parallel learner ranks as one :class:`rl.interfaces.Learner`.
+
+    A step's groups are dealt to the ranks by size (largest first, each to the rank with the
+    fewest tokens so far), every rank runs its share at once, and DeepSpeed's all-reduce in the
+    step averages their gradients, each rank's loss weighted by its share of the batch's
+    normaliser (actors/learner.py), so N ranks take the step one rank would. The weights stay
+    equal on every rank: rank 0 exports, pushes and saves the adapter; every rank saves its
+    own optimizer state."""
 
     def __init__(self, actors: Sequence):
-        if len(actors) != 1:
-            raise ValueError("data-parallel learners on Ray are not supported yet: use num_learners=1")
-        self.actor = actors[0]
-        self.policy_version = ray.get(self.actor.policy_version.remote())
+        self.actors = list(actors)
+        self.actor = self.actors[0]
+        address = ray.get(self.actor.rendezvous.remote())
+        versions = ray.get([actor.start.remote(address) for actor in self.actors])
+        assert len(set(versions)) == 1, f"learner ranks start at versions {versions}"
+        self.policy_version = versions[0]
+
+    def _deal(self, groups) -> list[list]:
+        shares = [[] for _ in self.actors]
+        tokens = [0] * len(self.actors)
+        for group in sorted(groups, key=_tokens, reverse=True):
+            rank = tokens.index(min(tokens))
+            shares[rank].append(group)
+            tokens[rank] += _tokens(group)
+        return shares
 
     def train_step(self, groups, objective="grpo"):
-        stats, self.policy_version = ray.get(self.actor.train_step.remote(groups, objective))
-        return stats
+        if len(self.actors) == 1:
+            stats, self.policy_version = ray.get(self.actor.train_step.remote(groups, objective))
+            return stats
+        results = ray.get([actor.train_step.remote(share, objective)
+                           for actor, share in zip(self.actors, self._deal(groups))])
+        versions = {version for _, version in results}
+        assert len(versions) == 1, f"learner ranks disagree on the version: {versions}"
+        self.policy_version = versions.pop()
+        return merge_stats([stats for stats, _ in results])
 
     def export_adapter(self) -> dict:
         version, tensors = ray.get(self.actor.export_adapter.remote())
@@ -109,10 +134,34 @@ class LearnerGroup:
         return ray.get(self.actor.save_adapter.remote(str(path)))
 
     def save_state(self, folder) -> None:
-        ray.get(self.actor.save_state.remote(str(folder)))
+        ray.get([actor.save_state.remote(str(folder)) for actor in self.actors])
+
+    def configure_stage(self, **settings) -> None:
+        """A curriculum stage's settings on every rank (rl/curriculum.py)."""
+        ray.get([actor.configure_stage.remote(**settings) for actor in self.actors])
 
     def load_state(self, folder) -> None:
-        self.policy_version = ray.get(self.actor.load_state.remote(str(folder)))
+        versions = ray.get([actor.load_state.remote(str(folder)) for actor in self.actors])
+        assert len(set(versions)) == 1, f"learner ranks loaded versions {versions}"
+        self.policy_version = versions[0]
+
+
+def _tokens(group) -> int:
+    return len(group.prompt_ids) + sum(len(c) for c in group.completions)
+
+
+def merge_stats(parts: Sequence):
+    """One step's stats from its ranks' (actors/learner.py's LearnStats): tokens add up, the
+    loss is the ranks' mean (each rank's is its share of the batch loss times the ranks, which
+    the gradient all-reduce averages), the per-token means are token-weighted, the gradient
+    norm is rank 0's (before the all-reduce)."""
+    tokens = sum(p.tokens for p in parts)
+    weighted = lambda name: sum(getattr(p, name) * p.tokens for p in parts) / max(1, tokens)  # noqa: E731
+    return dataclasses.replace(parts[0], loss=sum(p.loss for p in parts) / len(parts), tokens=tokens,
+                               kl=weighted("kl"),
+                               clip_fraction=weighted("clip_fraction"), entropy=weighted("entropy"),
+                               micro_batches=sum(p.micro_batches for p in parts),
+                               seconds=max(p.seconds for p in parts))
 
 
 class VerifierPool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 from typing import Sequence
 
 
@@ -68,19 +69,42 @@ class EngineHost:
 
 
 class LearnerHost:
-    """The DeepSpeed + PEFT learner in its own actor."""
+    """One rank of the DeepSpeed + PEFT learner in its own actor.
 
-    def __init__(self, learner_kwargs: dict, cpus: float = 1.0):
+    Started in two calls, since the ranks meet at rank 0's address: :meth:`rendezvous` (on
+    rank 0: its node's Ray IP and a free port there), then :meth:`start` on every rank at once,
+    which builds the learner inside DeepSpeed's process group of ``world_size`` ranks -- never
+    a port or rank inherited from whatever environment started the Ray cluster."""
+
+    def __init__(self, learner_kwargs: dict, cpus: float = 1.0, rank: int = 0, world_size: int = 1):
+        _set_threads(cpus)
+        self.kwargs, self.rank, self.world_size = learner_kwargs, rank, world_size
+        self.learner = self.sender = None
+
+    def rendezvous(self) -> tuple[str, int]:
         from actors.distributed import free_port
+
+        if self.world_size == 1:
+            return "127.0.0.1", free_port()
+        from cluster.weight_sync_dist import node_ip
+
+        ip = node_ip()
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((ip, 0))
+            return ip, s.getsockname()[1]
+
+    def start(self, address: tuple[str, int]) -> int:
+        """Build the learner as rank ``rank`` of the group at ``address``; its policy version."""
         from actors.learner import Learner
 
-        _set_threads(cpus)
-        # The one learner rank is a process group of its own: never a port or rank inherited
-        # from whatever environment started the Ray cluster.
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0",
-                          LOCAL_RANK="0", WORLD_SIZE="1")
-        self.learner = Learner(**learner_kwargs)
-        self.sender = None
+        if self.world_size > 1:  # gloo must use the interface that holds this node's Ray IP
+            from cluster.weight_sync_dist import node_ip, pin_socket_interface
+
+            pin_socket_interface("gloo", node_ip())
+        os.environ.update(MASTER_ADDR=address[0], MASTER_PORT=str(address[1]), RANK=str(self.rank),
+                          LOCAL_RANK="0", WORLD_SIZE=str(self.world_size))
+        self.learner = Learner(**self.kwargs)
+        return self.learner.policy_version
 
     def train_step(self, groups, objective="grpo"):
         stats = self.learner.train_step(groups, objective)
@@ -107,6 +131,9 @@ class LearnerHost:
 
     def save_state(self, folder: str) -> None:
         self.learner.save_state(folder)
+
+    def configure_stage(self, **settings) -> None:
+        self.learner.configure_stage(**settings)
 
     def load_state(self, folder: str) -> int:
         self.learner.load_state(folder)

@@ -250,7 +250,9 @@ class ClusterConfig:
                      choices=("ray", "in_process"))
     address: Optional[str] = knob(None, "Ray address to join; null: the job's cluster ($RAY_ADDRESS) "
                                   "or a new local one.", allowed="a Ray address")
-    num_learners: int = knob(1, "Data-parallel learner ranks.", ge=1, le=4096)
+    num_learners: int = knob(1, "Data-parallel learner ranks (Ray actors in one DeepSpeed group): a "
+                             "step's groups are dealt to them by size and their gradients averaged.",
+                             ge=1, le=4096)
     learner_gpus: float = knob(0.0, "GPUs per learner; a fraction shares a card, 0 runs on CPU.", ge=0, le=64)
     rollout_gpus_per_engine: float = knob(0.0, "GPUs per rollout engine; a fraction shares a card, 0 is CPU.",
                                           ge=0, le=64)
@@ -353,6 +355,9 @@ def _rules(c: Config) -> Iterable[tuple[str, object, str, str]]:
         yield ("algorithm.max_refill_rounds", c.algorithm.max_refill_rounds, "refills only follow filtering",
                "0, or algorithm.filter_zero_variance true")
     yield from _sync_rules(c)
+    if c.cluster.num_learners > 1 and c.cluster.mode != "ray":
+        yield ("cluster.num_learners", c.cluster.num_learners, "data-parallel ranks are Ray actors",
+               "1, or cluster.mode ray")
     if c.data.task == "gsm8k" and c.data.train_path is None:
         yield "data.train_path", None, "gsm8k rows are read, not generated", "a JSONL path"
     rest = c.logging.run_dir.replace("{name}", "")

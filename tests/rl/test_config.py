@@ -200,6 +200,7 @@ def test_parse_override(override, key, value):
     (["cluster.weight_sync=ipc"], "cluster.weight_sync"),
     (["cluster.weight_sync=nccl"], "cluster.weight_sync"),
     (["cluster.learner_gpus=1.5"], "cluster.learner_gpus"),
+    (["cluster.num_learners=2", "cluster.mode=in_process"], "cluster.num_learners"),
     (["data.task=gsm8k"], "data.train_path"),
     (["logging.run_dir=runs/{date}"], "logging.run_dir"),
 ])
