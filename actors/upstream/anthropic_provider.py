@@ -41,7 +41,9 @@ def _messages_kwargs(model: str, request: UpstreamRequest) -> dict[str, Any]:
     if request.system:
         kwargs["system"] = request.system
     if request.temperature is not None:
-        kwargs["temperature"] = request.temperature
+        # The body field the Messages API reads; anthropic 2.x's create() has no argument for it
+        # (a keyword would be a TypeError on every request), so it goes in as body JSON.
+        kwargs["extra_body"] = {"temperature": request.temperature}
     return kwargs
 
 

@@ -53,6 +53,20 @@ def test_normal_answer_sends_the_seed_request(server):
     assert "temperature" not in body  # None: the API's default
 
 
+def test_a_set_temperature_reaches_the_request_body(server):
+    provider = anthropic(server)
+
+    async def go():
+        try:
+            return await provider.answer(UpstreamRequest("Evaluate: 2 θ 3", temperature=0.7))
+        finally:
+            await provider.aclose()
+
+    answer = asyncio.run(go())
+    assert answer.error is None and answer.answer == Fraction(5)
+    assert server.bodies[0]["temperature"] == 0.7
+
+
 def test_retries_then_answers(server):
     server.script["Evaluate: 1 θ 1"] = [error(429, retry_after="0.3"), ok()]
     server.script["Evaluate: 2 θ 2"] = [error(529), error(500), ok()]
