@@ -48,6 +48,8 @@ from actors import distributed  # first: sets TORCH_EXTENSIONS_DIR before deepsp
 import torch
 from torch import Tensor
 
+from actors import learner_state
+from actors.lr_schedule import Schedule, lr_factor
 from actors.models import load_causal_lm
 from actors.shared_prefix import RowBatch, Unit, completion_logits, pack_micro_batches
 from rl.grpo import (GRPOStats, aggregate, completion_mask, entropy_from_logits, grpo_loss,
@@ -55,7 +57,6 @@ from rl.grpo import (GRPOStats, aggregate, completion_mask, entropy_from_logits,
 from rl.records import TrainGroup
 
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-SCHEDULES = ("constant", "linear", "cosine")
 PRECISIONS = ("auto", "float32", "bfloat16")
 AGGREGATIONS = ("token_mean", "sequence_mean", "constant")
 OPTIMIZERS = ("adamw", "adamw_8bit")
@@ -100,19 +101,6 @@ class Accumulated:
 
 # --------------------------------------------------------------------------------------------
 # Pure helpers
-
-
-def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str) -> float:
-    """Multiplier of the peak lr at optimizer step ``step`` (0-based): linear warm-up from 0
-    over warmup_steps, then constant, linear to 0 at total_steps, or half a cosine to 0."""
-    if schedule not in SCHEDULES:
-        raise ValueError(f"lr_schedule={schedule!r} is not one of {SCHEDULES}")
-    if step < warmup_steps:
-        return step / warmup_steps
-    if schedule == "constant":
-        return 1.0
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return 1.0 - progress if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def normaliser(mask: Tensor, mode: str) -> Tensor:
@@ -182,11 +170,26 @@ class Learner:
         opt = self._optimizer(optimizer, module, lr=lr, betas=tuple(betas), eps=eps,
                               weight_decay=weight_decay)
         sft_factor = (sft_lr / lr if lr > 0 else 0.0) if sft_lr is not None else 1.0
-        schedule = lambda step: (sft_factor if step < sft_steps  # noqa: E731
-                                 else lr_factor(step - sft_steps, warmup_steps, total_steps, lr_schedule))
+        schedule = Schedule(sft_steps, sft_factor, sft_steps, warmup_steps, total_steps, lr_schedule)
         self.engine = self._build_engine(module, opt, schedule, max_grad_norm, zero_stage)
         self.module = self.engine.module
         self.params = [p for p in self.module.parameters() if p.requires_grad]
+
+    def configure_stage(self, *, lr: float, warmup_steps: int, total_steps: int, kl_coef: float,
+                        temperature: float, constant_normaliser: int, restart_schedule: bool = True) -> None:
+        """Take a curriculum stage's settings (rl/curriculum.py); the optimizer state is kept.
+        ``restart_schedule``: the lr schedule starts over from this optimizer step, peaking at
+        ``lr`` (false on a resume mid-stage: the checkpoint's scheduler state already holds it)."""
+        self.kl_coef, self.temperature = kl_coef, temperature
+        self.loss_kwargs.update(kl_coef=kl_coef, constant_normaliser=constant_normaliser)
+        if not restart_schedule:
+            return
+        scheduler = self.engine.lr_scheduler
+        base = scheduler.base_lrs[0]
+        schedule = scheduler.lr_lambdas[0]
+        schedule.restart(scheduler.last_epoch, lr / base if base > 0 else 0.0, warmup_steps, total_steps)
+        for group, base_lr in zip(scheduler.optimizer.param_groups, scheduler.base_lrs):
+            group["lr"] = base_lr * schedule(scheduler.last_epoch)
 
     # ---------------------------------------------------------------- construction
     @staticmethod
@@ -416,80 +419,15 @@ class Learner:
 
     # ---------------------------------------------------------------- training state (resume)
     def state_dict(self) -> dict:
-        """This rank's training state beyond the adapter weights: optimizer (DeepSpeed's ZeRO
-        state at stage 1/2, AdamW's at 0), LR-scheduler position, DeepSpeed's step counters,
-        policy_version, skipped_total and the torch RNG. With the adapter, what an exact resume
-        needs (see :meth:`save_state`). The optimizer tensors are live: save before stepping."""
-        engine, opt = self.engine, self.engine.lr_scheduler.optimizer
-        cuda = self.device.type == "cuda"
-        return {
-            "format": 1, "zero_stage": self.zero_stage, "world_size": distributed.world_size(),
-            "hyper": _hyper(engine.lr_scheduler.base_lrs, opt.param_groups),
-            "optimizer": engine.optimizer.state_dict(),
-            "lr_scheduler": engine.lr_scheduler.state_dict(),
-            "engine_counters": {k: getattr(engine, k) for k in _ENGINE_COUNTERS},
-            "policy_version": self.policy_version, "skipped_total": self.skipped_total,
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state(self.device) if cuda else None,
-        }
+        """This rank's training state beyond the adapter weights (actors/learner_state.py)."""
+        return learner_state.state_dict(self)
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore :meth:`state_dict`'s output into a learner built with the same settings (the
-        adapter weights come separately: :meth:`load_adapter`, before this). A different ZeRO
-        stage, world size or optimizer hyperparameter is an error, not silently overwritten."""
-        current = {"zero_stage": self.zero_stage, "world_size": distributed.world_size(),
-                   "hyper": _hyper(self.engine.lr_scheduler.base_lrs,
-                                   self.engine.lr_scheduler.optimizer.param_groups)}
-        diff = {k: (state.get(k), v) for k, v in current.items() if state.get(k) != v}
-        if diff:
-            raise ValueError("learner state does not match this learner (saved, configured): "
-                             + ", ".join(f"{k}: {a} vs {b}" for k, (a, b) in diff.items()))
-        if self.zero_stage == 0:
-            self.engine.optimizer.load_state_dict(state["optimizer"])
-        else:  # the saved float32 partitions, not a copy of the module's weights
-            self.engine.optimizer.load_state_dict([state["optimizer"]], load_optimizer_states=True,
-                                                  load_from_fp32_weights=True)
-        self.engine.lr_scheduler.load_state_dict(state["lr_scheduler"])
-        for key, value in state["engine_counters"].items():
-            setattr(self.engine, key, value)
-        self.policy_version, self.skipped_total = state["policy_version"], state["skipped_total"]
-        torch.set_rng_state(state["torch_rng"])
-        if state["cuda_rng"] is not None and self.device.type == "cuda":
-            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
+        learner_state.load_state_dict(self, state)
 
     def save_state(self, folder: str | Path) -> Path:
-        """Write ``folder/adapter/`` (PEFT format, rank 0) and this rank's
-        ``folder/learner_state.pt`` (``learner_state.rank<r>.pt`` when there are several)."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        if _rank() == 0:
-            self.save_adapter(folder / ADAPTER_DIR)
-        torch.save(self.state_dict(), folder / _state_file())
-        return folder
+        """``folder/adapter/`` (rank 0) and this rank's optimizer state (actors/learner_state.py)."""
+        return learner_state.save_state(self, folder)
 
     def load_state(self, folder: str | Path) -> None:
-        """Load what :meth:`save_state` wrote: the adapter, then the optimizer and counters."""
-        folder = Path(folder)
-        self.load_adapter(folder / ADAPTER_DIR)
-        # Our own file, and it holds DeepSpeed objects (the ZeRO loss scaler): not weights_only.
-        # CPU: RNG states must stay CPU tensors; load_state_dict moves the rest to the params.
-        self.load_state_dict(torch.load(folder / _state_file(), map_location="cpu",
-                                        weights_only=False))
-
-
-ADAPTER_DIR = "adapter"
-_ENGINE_COUNTERS = ("global_steps", "global_samples", "micro_steps", "skipped_steps")
-
-
-def _hyper(base_lrs, groups) -> dict:
-    return {"base_lrs": [float(x) for x in base_lrs],
-            **{k: [list(g[k]) if isinstance(g[k], tuple) else g[k] for g in groups]
-               for k in ("betas", "eps", "weight_decay")}}
-
-
-def _rank() -> int:
-    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-
-
-def _state_file() -> str:
-    return "learner_state.pt" if distributed.world_size() == 1 else f"learner_state.rank{_rank()}.pt"
+        learner_state.load_state(self, folder)

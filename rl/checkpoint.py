@@ -8,6 +8,7 @@ also the step a resumed run starts at)::
     learner_state.pt    optimizer, LR-scheduler position, counters, torch RNG (Learner.save_state)
     meta.json           written last: step, data position, policy version, time, RNG states of
                         Python's ``random`` (and NumPy's, when imported), what the caller adds
+                        (a curriculum's stage position: rl/curriculum.py)
 
 Atomicity: everything is written into ``<root>/.tmp-step_000200-<random>``, every file is
 fsynced, ``meta.json`` is written last, and the folder is renamed into place (a rename within a

@@ -33,8 +33,8 @@ from pathlib import Path
 from typing import Iterable, Optional, Union
 
 from rl.config_schema import (
-    ConfigError, Issue, build, describe_table, knob, parse_override, read_yaml, section, set_dotted,
-    specs, to_dict, yaml_dump,
+    ConfigError, Issue, build, describe_table, knob, parse_override, read_yaml, section, section_items,
+    set_dotted, specs, to_dict, yaml_dump,
 )
 
 __all__ = ["Config", "ConfigError", "load_config", "parse_override", "to_dict", "dump_config",
@@ -178,6 +178,9 @@ class SftConfig:
     Format warm-start: the adapter's answer format (data.answer_format) is taught on the training
     split's *standard-symbol* items only, so no custom symbol's meaning is given away: targets are
     rl.prompts.answer_text (CORRECT when the API answer is right, where the condition offers it).
+    Rationale SFT and boundary self-distillation (scripts/sft.py, GSM8K): rows of data_path, then
+    distill_rounds rounds on the model's own clean, correct samples; the adapter is the next
+    stage's lora.init_from.
     """
 
     steps: int = knob(0, "Optimizer steps of the warm-start; 0: no SFT stage.", ge=0)
@@ -189,6 +192,21 @@ class SftConfig:
                       "step, half of the questions using it), which teaches reading a symbol's meaning off "
                       "the few-shot lines without showing any of θ α γ β (rl/sft.py).",
                       choices=("standard", "surrogate"))
+    data_path: Optional[str] = knob(None, "Rationale SFT (scripts/sft.py): a JSONL of {\"prompt\", \"completion\"} rows; "
+                                    "the prompt is raw text (e.g. rl.prompts.gsm8k_prompt), the loss falls on the "
+                                    "completion (+ EOS) only. null: the format warm-start's items.",
+                                    allowed="a JSONL file")
+    batch_tokens: Optional[int] = knob(None, "Token budget of an SFT step (prompt + completion tokens of its "
+                                       "examples, at least one example); null: batch_size examples.", ge=1)
+    eval_every: int = knob(0, "Evaluate the held-out items every this many SFT steps (eval/* metrics in "
+                           "sft_metrics.jsonl); 0: only before and after the stage.", ge=0)
+    distill_rounds: int = knob(0, "Boundary self-distillation rounds (rl/distill.py, GSM8K): sample, keep the "
+                               "exact, strict-final-line, no-trailing-text samples, fine-tune; 0: none.", ge=0, le=100)
+    distill_samples: int = knob(4, "Samples per training question in a distillation round (rollout sampling "
+                                "knobs).", ge=1, le=1024)
+    distill_questions: int = knob(256, "Training questions sampled per distillation round (the next ones of the "
+                                  "seeded data stream).", ge=1)
+    distill_steps: int = knob(20, "SFT steps on the kept samples per distillation round.", ge=1)
 
 
 @dataclass(frozen=True)
@@ -308,6 +326,29 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class StageConfig:
+    """One curriculum stage (rl/curriculum.py); null inherits the top-level value."""
+
+    name: str = knob("stage", "Stage name (in metrics, checkpoints and results); unique.", pattern=_NAME)
+    tier: Optional[str] = knob(None, "Generated symbol tier of this stage's training items; null: "
+                               "data.tier.", choices=("t1", "t2", "t3", "t4", "seed"))
+    train_path: Optional[str] = knob(None, "This stage's training rows (JSONL); null: data.train_path, or "
+                                     "items generated at the stage's tier.", allowed="a JSONL file")
+    steps: Optional[int] = knob(None, "Run exactly this many steps (no threshold).", ge=1)
+    advance_at: Optional[float] = knob(None, "Advance once the mean training reward over the last "
+                                       "`window` steps reaches this (needs max_steps).", ge=0, le=1)
+    window: int = knob(5, "Steps in the advance_at mean.", ge=1, le=10_000)
+    max_steps: Optional[int] = knob(None, "With advance_at: end the stage after this many steps even if "
+                                    "the threshold was not reached.", ge=1)
+    lr: Optional[float] = knob(None, "Peak learning rate of the stage; null: learner.lr. The learner's "
+                               "warm-up and schedule restart at each stage, over its steps (or max_steps).",
+                               ge=0, le=1)
+    kl_coef: Optional[float] = knob(None, "The stage's algorithm.kl_coef; null: inherit.", ge=0, le=100)
+    max_new_tokens: Optional[int] = knob(None, "The stage's rollout.max_new_tokens; null: inherit.", ge=1)
+    temperature: Optional[float] = knob(None, "The stage's rollout.temperature; null: inherit.", gt=0, le=10)
+
+
+@dataclass(frozen=True)
 class Config:
     """A whole run."""
 
@@ -323,6 +364,10 @@ class Config:
     logging: LoggingConfig = section(LoggingConfig)
     checkpoint: CheckpointConfig = section(CheckpointConfig)
     eval: EvalConfig = section(EvalConfig)
+    curriculum: tuple[StageConfig, ...] = knob(
+        (), "Training stages run in order as one job (rl/curriculum.py), each a mapping with the keys "
+        "below; the adapter and optimizer carry over. Empty: one stage of algorithm.steps (which a "
+        "curriculum does not use).", allowed="a list of stage mappings")
 
 
 # --------------------------------------------------------------------------- cross-field checks
@@ -355,6 +400,7 @@ def _rules(c: Config) -> Iterable[tuple[str, object, str, str]]:
         yield ("algorithm.max_refill_rounds", c.algorithm.max_refill_rounds, "refills only follow filtering",
                "0, or algorithm.filter_zero_variance true")
     yield from _sync_rules(c)
+    yield from _stage_rules(c)
     if c.cluster.num_learners > 1 and c.cluster.mode != "ray":
         yield ("cluster.num_learners", c.cluster.num_learners, "data-parallel ranks are Ray actors",
                "1, or cluster.mode ray")
@@ -363,6 +409,29 @@ def _rules(c: Config) -> Iterable[tuple[str, object, str, str]]:
     rest = c.logging.run_dir.replace("{name}", "")
     if "{" in rest or "}" in rest:
         yield "logging.run_dir", c.logging.run_dir, "unknown placeholder", "a path whose only placeholder is {name}"
+
+
+def _stage_rules(c: Config) -> Iterable[tuple[str, object, str, str]]:
+    seen: set[str] = set()
+    for i, st in enumerate(c.curriculum):
+        key = f"curriculum[{i}]."
+        if st.name in seen:
+            yield key + "name", st.name, "a second stage of this name", "a name unique in the curriculum"
+        seen.add(st.name)
+        if (st.steps is None) == (st.advance_at is None):
+            yield key + "steps", st.steps, "a stage ends by steps or by advance_at", "exactly one of steps, advance_at"
+        if st.advance_at is not None and st.max_steps is None:
+            yield key + "advance_at", st.advance_at, "a threshold needs a bound", "set max_steps too"
+        if st.max_steps is not None and st.advance_at is None:
+            yield key + "max_steps", st.max_steps, "bounds a threshold stage only", "null, or set advance_at"
+        if st.lr and not c.learner.lr:
+            yield key + "lr", st.lr, "the stage scales learner.lr, which is 0", "null, or learner.lr > 0"
+        if st.tier is not None and c.data.task != "symbols":
+            yield key + "tier", st.tier, "tiers are generated symbol items", "null with data.task gsm8k"
+        tokens = st.max_new_tokens or c.rollout.max_new_tokens
+        if c.learner.micro_batch_tokens < c.rollout.max_prompt_tokens + tokens:
+            yield (key + "max_new_tokens", tokens, "one full sequence must fit in learner.micro_batch_tokens",
+                   f"<= {c.learner.micro_batch_tokens - c.rollout.max_prompt_tokens}")
 
 
 def _sync_rules(c: Config) -> Iterable[tuple[str, object, str, str]]:
@@ -378,7 +447,11 @@ def _sync_rules(c: Config) -> Iterable[tuple[str, object, str, str]]:
 def check(config: Config, sources: dict[str, str] | None = None) -> None:
     """Raise :class:`ConfigError` listing every broken cross-field rule."""
     sources = sources or {}
-    issues = [Issue(k, v, p, a, sources.get(k, "default")) for k, v, p, a in _rules(config)]
+    def source(key: str) -> str:  # a stage's unset key: the stage's own line
+        stage = key.rsplit(".", 1)[0]
+        return sources.get(key) or (sources.get(stage, "default") if stage.endswith("]") else "default")
+
+    issues = [Issue(k, v, p, a, source(k)) for k, v, p, a in _rules(config)]
     if issues:
         raise ConfigError(issues)
 
@@ -432,8 +505,10 @@ def describe(section_name: str | None = None) -> str:
         "docs/config.md`; do not edit by hand. Load a file with `load_config(path, [\"a.b=c\", ...])`; "
         "an override's value is read as YAML (`[x, y]`, `true`, `null`, `5e-6`, `'007'`).\n"]
     for s in specs(Config):
-        if section_name in (None, s.name):
-            parts.append(f"## `{s.name}`\n\n{s.doc}\n\n{describe_table(s.section, s.name + '.')}\n")
+        items = section_items(s)
+        if section_name in (None, s.name) and (s.section or items):
+            parts.append(f"## `{s.name}`\n\n{s.doc}\n\n"
+                         f"{describe_table(s.section or items, s.name + ('[i].' if items else '.'))}\n")
     return "\n".join(parts)
 
 

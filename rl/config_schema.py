@@ -30,7 +30,7 @@ import yaml
 
 __all__ = [
     "ConfigError", "Issue", "knob", "section", "Spec", "specs", "build", "to_dict",
-    "describe_table", "yaml_load", "yaml_dump", "key_lines", "read_yaml", "parse_override",
+    "describe_table", "section_items", "yaml_load", "yaml_dump", "key_lines", "read_yaml", "parse_override",
     "set_dotted",
 ]
 
@@ -268,6 +268,9 @@ def build(cls: type, raw: Any, sources: dict[str, str], prefix: str = "") -> tup
         if spec.section is not None:
             values[spec.name], sub = build(spec.section, raw.get(spec.name), sources, full + ".")
             issues += sub
+        elif spec.name in raw and section_items(spec) is not None:
+            values[spec.name], sub = _build_items(spec, raw[spec.name], sources, full)
+            issues += sub
         elif spec.name in raw:
             values[spec.name], err = _check_leaf(spec, raw[spec.name])
             if err:
@@ -275,12 +278,34 @@ def build(cls: type, raw: Any, sources: dict[str, str], prefix: str = "") -> tup
     return (None, issues) if issues else (cls(**values), [])
 
 
+def section_items(spec: Spec) -> type | None:
+    """The section class of a list-of-sections field (``tuple[Stage, ...]``), else None."""
+    if typing.get_origin(spec.base) is tuple:
+        arg = typing.get_args(spec.base)[0]
+        return arg if dataclasses.is_dataclass(arg) else None
+    return None
+
+
+def _build_items(spec: Spec, raw: Any, sources: dict[str, str], key: str) -> tuple[Any, list[Issue]]:
+    """A list of sections: each item built like a section, its keys named ``key[i].field``."""
+    if not isinstance(raw, (list, tuple)):
+        return None, [Issue(key, raw, f"expected a list, got {type(raw).__name__}", spec.allowed(),
+                            sources.get(key, "default"))]
+    built, issues = [], []
+    for i, item in enumerate(raw):
+        value, sub = build(section_items(spec), item, sources, f"{key}[{i}].")
+        built.append(value)
+        issues += sub
+    return tuple(built), issues
+
+
 def to_dict(obj: Any) -> dict:
     """A section tree as plain nested dicts (tuples become lists), ready for YAML or JSON."""
+    plain = lambda v: to_dict(v) if dataclasses.is_dataclass(v) else v  # noqa: E731
     out = {}
     for f in dataclasses.fields(obj):
         v = getattr(obj, f.name)
-        out[f.name] = to_dict(v) if dataclasses.is_dataclass(v) else list(v) if isinstance(v, tuple) else v
+        out[f.name] = plain(v) if not isinstance(v, tuple) else [plain(x) for x in v]
     return out
 
 
@@ -351,6 +376,10 @@ def key_lines(text: str, path: str) -> dict[str, str]:
                 if isinstance(k, yaml.ScalarNode):
                     out[prefix + k.value] = f"{path}:{k.start_mark.line + 1}"
                     walk(v, prefix + k.value + ".")
+        elif isinstance(node, yaml.SequenceNode):  # a list of sections: keys like curriculum[1].lr
+            for i, item in enumerate(node.value):
+                out[f"{prefix.rstrip('.')}[{i}]"] = f"{path}:{item.start_mark.line + 1}"
+                walk(item, f"{prefix.rstrip('.')}[{i}].")
 
     walk(yaml.compose(text, Loader=_Loader), "")
     return out

@@ -298,12 +298,14 @@ def train_step(step, stream, engine: RolloutEngine, learner: Learner, score: Sco
 def train(items: Sequence[TrainItem], engine, learner, score: Scorer, settings: LoopSettings,
           sink: MetricsSink, on_step_end: Callable[[int, dict, StreamPosition], None] | None = None,
           start_step: int = 0, data_position: int = 0,
-          evaluate: Callable[[int], dict] | None = None, spent_s: float = 0.0) -> list[dict]:
+          evaluate: Callable[[int], dict] | None = None, spent_s: float = 0.0,
+          until: Callable[[], bool] | None = None) -> list[dict]:
     """Run steps ``start_step .. settings.steps - 1``; every step's metrics go to ``sink``.
 
     ``settings.time_budget_s`` ends the run after the step at which the training time
     (``spent_s`` already spent, e.g. by an SFT stage, plus the steps' own time; evaluation
-    excluded) reaches it.
+    excluded) reaches it; ``until()`` true after a step's hook ends the run there (a curriculum
+    stage that reached its threshold, rl/curriculum.py).
 
     ``data_position`` is where the item stream resumes (a checkpoint's ``stream.position``);
     ``evaluate(step)`` returns extra metrics logged with the step's (periodic held-out
@@ -318,12 +320,13 @@ def train(items: Sequence[TrainItem], engine, learner, score: Scorer, settings: 
     else:
         rollouts = RolloutsNow(lambda step: collect(step, stream, engine, score, settings))
     try:
-        return _run(rollouts, engine, learner, settings, sink, on_step_end, start_step, evaluate, spent_s)
+        return _run(rollouts, engine, learner, settings, sink, on_step_end, start_step, evaluate, spent_s, until)
     finally:
         rollouts.close()
 
 
-def _run(rollouts, engine, learner, settings, sink, on_step_end, start_step, evaluate, spent_s) -> list[dict]:
+def _run(rollouts, engine, learner, settings, sink, on_step_end, start_step, evaluate, spent_s,
+         until=None) -> list[dict]:
     watch = StallWatch(settings.stall_steps)
     history = []
     for step in range(start_step, settings.steps):
@@ -345,6 +348,8 @@ def _run(rollouts, engine, learner, settings, sink, on_step_end, start_step, eva
         history.append(metrics)
         if on_step_end is not None:
             on_step_end(step, metrics, StreamPosition(batch.position))
+        if until is not None and until():
+            break
         if settings.time_budget_s is not None and spent_s >= settings.time_budget_s:
             print(f"time budget reached after step {step}: {spent_s:.0f} s of training "
                   f"(algorithm.max_train_seconds = {settings.time_budget_s:g})", flush=True)

@@ -153,17 +153,134 @@ def merge_on_shared_head(groups: Sequence[TrainGroup]) -> list[TrainGroup]:
 
 
 def run_sft(learner, batches: Iterator[list[TrainGroup]], steps: int, log: Callable[[int, dict], None],
-            out_of_time: Callable[[], bool] = lambda: False) -> list[dict]:
-    """``steps`` SFT steps, one batch each (fewer when ``out_of_time()`` says so); returns each
-    step's metrics (``sft/loss``, ``sft/entropy``, ``sft/tokens``, ``timing/sft``)."""
+            out_of_time: Callable[[], bool] = lambda: False, *, start_step: int = 0,
+            evaluate: Callable[[int], dict] | None = None,
+            on_step_end: Callable[[int, dict], None] | None = None) -> list[dict]:
+    """Steps ``start_step .. steps - 1`` (0-based), one batch each (fewer when ``out_of_time()``
+    says so); returns each step's metrics (``sft/loss``, ``sft/entropy``, ``sft/tokens``,
+    ``timing/sft``, plus ``evaluate(step)``'s ``eval/*`` when it returns any). ``on_step_end(step,
+    metrics)`` runs after each step (checkpoints). A resumed stage passes ``start_step`` and a
+    batch source positioned where the checkpoint left it."""
     history = []
-    for step in range(steps):
+    for step in range(start_step, steps):
         if out_of_time():
             break
         start = time.perf_counter()
         stats = learner.train_step(merge_on_shared_head(next(batches)), "sft")
         metrics = {"sft/loss": stats.loss, "sft/entropy": stats.entropy, "sft/tokens": stats.tokens,
                    "sft/lr": stats.lr, "sft/skipped": stats.skipped, "timing/sft": time.perf_counter() - start}
+        if evaluate is not None:
+            metrics.update(evaluate(step))
         log(step, metrics)
         history.append(metrics)
+        if on_step_end is not None:
+            on_step_end(step, metrics)
     return history
+
+
+# --------------------------------------------------------------------------- rationale SFT
+
+
+class RationaleError(ValueError):
+    """A malformed rationale row; the message names the file, the line and the key."""
+
+
+def read_rationale(path) -> list[tuple[str, str]]:
+    """``(prompt, completion)`` of every row of a JSONL file (blank lines skipped). A row that is
+    not a JSON object, or whose ``prompt`` or ``completion`` is missing, not a string or empty,
+    raises :class:`RationaleError` naming ``file:line`` and the key."""
+    import json
+    from pathlib import Path
+
+    rows = []
+    with Path(path).open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise RationaleError(f"{path}:{number}: not JSON ({error.msg})") from None
+            if not isinstance(row, dict):
+                raise RationaleError(f"{path}:{number}: a row must be a JSON object, got {type(row).__name__}")
+            for key in ("prompt", "completion"):
+                if not isinstance(row.get(key), str) or not row[key].strip():
+                    raise RationaleError(f"{path}:{number}: '{key}' must be a non-empty string, got {row.get(key)!r}")
+            rows.append((row["prompt"], row["completion"]))
+    if not rows:
+        raise RationaleError(f"{path}: no rows")
+    return rows
+
+
+def rationale_groups(rows: Sequence[tuple[str, str]], tokenizer: Any) -> list[TrainGroup]:
+    """One single-completion group per row: the prompt as raw text (:func:`rl.prompts.render_text`,
+    the tokenizer's BOS, no chat template: what GSM8K rollouts and evaluation see), the completion
+    tokenized on its own plus EOS, so that the model learns to stop after ``#### n``. Only the
+    completion's tokens are trained (the learner's ``sft`` objective masks the prompt)."""
+    from rl.prompts import render_text
+
+    eos = getattr(tokenizer, "eos_token_id", None)
+    groups = []
+    for prompt, completion in rows:
+        group = _group(render_text(tokenizer, prompt).token_ids, completion, tokenizer)
+        if eos is not None:
+            group.completions[0].append(eos)
+        groups.append(group)
+    return groups
+
+
+class TokenBudgetBatches:
+    """Batches of single-completion groups drawn in seeded, reshuffled epochs, each as many
+    examples as fit in ``max_tokens`` prompt + completion tokens (at least one). ``position``
+    counts the examples handed out; a batcher started at a position continues exactly where
+    one that handed out that many would (what a checkpoint records)."""
+
+    def __init__(self, groups: Sequence[TrainGroup], max_tokens: int, seed: int, position: int = 0):
+        from rl.loop import ItemStream
+
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens={max_tokens} must be >= 1")
+        self.max_tokens, self._stream, self._pending = max_tokens, ItemStream(groups, seed, position), None
+
+    @property
+    def position(self) -> int:
+        return self._stream.position - (self._pending is not None)
+
+    def __iter__(self) -> "TokenBudgetBatches":
+        return self
+
+    def __next__(self) -> list[TrainGroup]:
+        batch, used = [], 0
+        while True:
+            group = self._pending if self._pending is not None else next(self._stream)
+            size = len(group.prompt_ids) + len(group.completions[0])
+            if batch and used + size > self.max_tokens:
+                self._pending = group
+                return batch
+            self._pending = None
+            batch.append(group)
+            used += size
+            if used >= self.max_tokens:
+                return batch
+
+
+class CountBatches(TokenBudgetBatches):
+    """``batch_size`` examples per batch (seeded, reshuffled epochs), with a ``position``."""
+
+    def __init__(self, groups: Sequence[TrainGroup], batch_size: int, seed: int, position: int = 0):
+        super().__init__(groups, 1, seed, position)
+        self.batch_size = batch_size
+
+    def __next__(self) -> list[TrainGroup]:
+        return [next(self._stream) for _ in range(self.batch_size)]
+
+
+def eval_metrics(summary: dict) -> dict:
+    """``eval/*`` metrics of an :func:`rl.evaluation.evaluate_items` summary: accuracy overall
+    and per category; for GSM8K rows also the answer-boundary rates (raw completions)."""
+    metrics = {f"eval/{name}": summary[name]["accuracy"] for name in ("overall", *summary.get("categories", ()))}
+    raw = summary.get("boundary", {}).get("raw")
+    if raw and raw["total"]:
+        metrics.update({f"eval/{key}": raw[key] / raw["total"]
+                        for key in ("exact", "strict_final_line", "trailing_text", "final_format")})
+    return metrics

@@ -16,8 +16,11 @@ COMMANDS = {
     "baseline": ("scripts.run_baseline", "the upstream alone on a task file, cached"),
     "bench-verifiers": ("scripts.bench_verifiers", "verifier throughput and latency"),
     "chain": ("scripts.chain", "upstream -> adapter -> final answer, on the command line or as an HTTP service"),
+    "sft": ("scripts.sft", "GSM8K SFT stages: rationale SFT, then boundary self-distillation"),
+    "rationale-data": ("scripts.rationale_data", "GSM8K train solutions as strict final-line SFT rows"),
     "ablate": ("scripts.ablate", "train the prompt conditions A-D and tabulate them side by side"),
     "evaluate": ("scripts.evaluate", "upstream alone, base model and adapters on a test file, side by side"),
+    "synthesize": ("scripts.synthesize", "write questions, derive their answers with SymPy tools, keep the verified"),
 }
 
 

@@ -23,7 +23,6 @@ import json
 import os
 import re
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -73,21 +72,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")[:80] or "model"
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write beside the target, fsync, then rename: readers see the old file or the whole new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _load_tasks(args) -> list | None:
@@ -210,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     import asyncio
 
     from actors.upstream import DEFAULT_CONCURRENCY, FREE, AnswerCache, Pricing, UpstreamClient
+    from rl.files import write_atomic
 
     tasks = _load_tasks(args)
     if tasks is None:
@@ -239,8 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = [_row(task, answer) for task, answer in zip(tasks, answers)]
     results = _results(rows, client, args, time.monotonic() - start)
     answers_path, results_path = args.run_dir / "answers.jsonl", args.run_dir / "results.json"
-    _write_atomic(answers_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    _write_atomic(results_path, json.dumps(results, indent=2) + "\n")
+    write_atomic(answers_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    write_atomic(results_path, json.dumps(results, indent=2) + "\n")
     print(_table(results))
     print(f"answers: {answers_path}\nresults: {results_path}")
     return 1 if rows and results["n_failed"] == len(rows) else 0

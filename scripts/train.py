@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import sys
 import time
@@ -198,7 +199,7 @@ def _train_and_evaluate(config, run: Path, parts: Parts, train_tasks, test_tasks
     test_items = _items(config, tokenizer, test_tasks, api_answers[len(train_tasks):])
     engine, learner = parts.engine, parts.learner
     manager = CheckpointManager(run / "checkpoints", config.checkpoint.keep_last)
-    start_step, position = _resume(config, manager, engine, learner)
+    start_step, position, meta = _resume(config, manager, engine, learner)
     results = {"run_dir": str(run), "resumed_from_step": start_step}
     spent_s = 0.0
     if start_step == 0:
@@ -222,23 +223,27 @@ def _train_and_evaluate(config, run: Path, parts: Parts, train_tasks, test_tasks
     start = time.perf_counter()
     last: dict = {}  # the last step, its data stream, and its checkpoint (None: not saved)
     with GracefulStop() as stop:  # entered after ray.init, which installs a SIGTERM handler of its own
-        def on_step_end(step: int, metrics: dict, stream) -> None:
-            due = is_due(step, config.checkpoint.every_steps, algo.steps)
-            folder = _save(manager, run, learner, step, stream) if due or stop.requested else None
-            last.update(step=step, stream=stream, folder=folder)
+        def on_step_end(step: int, metrics: dict, stream, extra=None, boundary=False) -> None:
+            due = boundary or is_due(step, config.checkpoint.every_steps, 0 if extra else algo.steps)
+            folder = _save(manager, run, learner, step, stream, extra) if due or stop.requested else None
+            last.update(step=step, stream=stream, folder=folder, extra=extra)
             if stop.requested:
                 raise TrainingStopped(step + 1, folder)
 
         try:
-            history = train(train_items, engine, learner, parts.score, settings, sink,
-                            on_step_end=on_step_end, start_step=start_step, data_position=position,
-                            evaluate=_periodic_eval(config, engine, test_items), spent_s=spent_s)
+            if config.curriculum:  # rl/curriculum.py: the stages in order, from the checkpoint's position
+                history, results["curriculum"] = _curriculum(config, run, parts, tokenizer, settings, sink,
+                                                             on_step_end, start_step, meta, test_items, spent_s)
+            else:
+                history = train(train_items, engine, learner, parts.score, settings, sink,
+                                on_step_end=on_step_end, start_step=start_step, data_position=position,
+                                evaluate=_periodic_eval(config, engine, test_items), spent_s=spent_s)
         except TrainingStopped as stopped:
             print(f"stopped by signal after step {stopped.step}; checkpoint {stopped.checkpoint}; "
                   f"continue with --set checkpoint.resume=true")
             return {**results, "stopped_at_step": stopped.step}
     if last and last["folder"] is None:  # the time budget ended the run between scheduled saves
-        _save(manager, run, learner, last["step"], last["stream"])
+        _save(manager, run, learner, last["step"], last["stream"], last["extra"])
     results["train_seconds"] = spent_s + (history[-1]["time/train_seconds"] - spent_s if history else 0.0)
     results["steps"] = start_step + len(history)
     results["reward_curve"] = [round(m["reward/mean"], 4) for m in history]
@@ -300,23 +305,44 @@ def _periodic_eval(config, engine, items):
     return evaluate
 
 
-def _resume(config, manager, engine, learner) -> tuple[int, int]:
-    """Load the checkpoint ``checkpoint.resume`` names (if any); ``(start_step, data_position)``."""
+def _curriculum(config, run: Path, parts: Parts, tokenizer, settings, sink, on_step_end, start_step, meta,
+                test_items, spent_s):
+    """The curriculum's stages (rl/curriculum.py); each stage's items get their upstream answers
+    through the same cache. Returns (history, the stages' results for results.json)."""
+    from rl.curriculum import Position, resolve_stages, run_curriculum, stage_data
+
+    def items_for(stage):
+        stage_config = dataclasses.replace(config, data=stage_data(config.data, stage))
+        tasks, _ = _symbol_tasks(stage_config, run / "stages" / stage.name)
+        answers = parts.answer_all(_requests(config, tasks))
+        return _items(config, tokenizer, tasks, [a.answer for a in answers])
+
+    history, position = run_curriculum(
+        resolve_stages(config), Position.from_meta(meta.get("curriculum")), start_step, items_for=items_for,
+        engine=parts.engine, learner=parts.learner, score=parts.score, settings=settings, sink=sink,
+        warmup_fraction=config.learner.warmup_fraction, on_step_end=on_step_end,
+        evaluate=_periodic_eval(config, parts.engine, test_items), spent_s=spent_s)
+    return history, {"stages": position.summary(resolve_stages(config))}
+
+
+def _resume(config, manager, engine, learner) -> tuple[int, int, dict]:
+    """Load the checkpoint ``checkpoint.resume`` names (if any); ``(start_step, data_position,
+    meta)``."""
     from rl.checkpoint import read_meta, restore_rng
 
     folder = manager.resolve(config.checkpoint.resume)
     if folder is None:
-        return 0, 0
+        return 0, 0, {}
     meta = read_meta(folder)
     learner.load_state(folder)
     sync_adapter(engine, learner)  # the engines follow
     restore_rng(meta["rng"])
     print(f"resumed from {folder}: step {meta['step']}, data position {meta['data_position']}, "
           f"policy version {learner.policy_version}")
-    return meta["step"], meta["data_position"]
+    return meta["step"], meta["data_position"], meta
 
 
-def _save(manager, run: Path, learner, step: int, stream) -> Path:
+def _save(manager, run: Path, learner, step: int, stream, extra: dict | None = None) -> Path:
     import shutil
 
     from rl.checkpoint import sha256_file
@@ -326,7 +352,7 @@ def _save(manager, run: Path, learner, step: int, stream) -> Path:
         shutil.copy(run / "config.yaml", folder / "config.yaml")
 
     return manager.save(step + 1, write, {"data_position": stream.position, "policy_version": learner.policy_version,
-                                          "config_sha256": sha256_file(run / "config.yaml")})
+                                          "config_sha256": sha256_file(run / "config.yaml"), **(extra or {})})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -341,8 +367,24 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    elsewhere = sft_stage_knobs(config)
+    if elsewhere:
+        print(f"error: {', '.join(elsewhere)}: rationale SFT and self-distillation run with `api-adapter sft` "
+              f"(scripts/sft.py); this command's SFT stage is the format warm-start (sft.steps, sft.items, "
+              f"sft.batch_size, sft.lr)", file=sys.stderr)
+        return 2
     run(config)
     return 0
+
+
+def sft_stage_knobs(config) -> list[str]:
+    """The ``sft`` knobs set away from their defaults that only scripts/sft.py reads (a run
+    here would silently ignore them)."""
+    from rl.config import SftConfig
+
+    names = ("data_path", "batch_tokens", "eval_every", "distill_rounds")
+    return [f"sft.{n}={getattr(config.sft, n)!r}" for n in names
+            if getattr(config.sft, n) != getattr(SftConfig(), n)]
 
 
 if __name__ == "__main__":

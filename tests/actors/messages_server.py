@@ -5,9 +5,16 @@
   (needs ``Authorization: Bearer ...``; ``anthropic_version`` in the body);
 - OpenAI chat completions: ``POST /v1/chat/completions``.
 
-What it does is scripted per prompt (the last user message): ``server.script[prompt]`` is a
-list of :class:`Action`, one per request in order (the last repeats); a prompt without a
-script gets :func:`ok` with :func:`default_answer`. It counts ``requests[prompt]`` (every
+What it does is scripted per prompt (the first user message's text: for a one-message
+request, its only message): ``server.script[prompt]`` is a list of :class:`Action`, one per
+request in order (the last repeats); a prompt without a script gets :func:`ok` with
+:func:`default_answer`.
+
+Tool conversations (Messages API only): :func:`tool_use` replies with ``tool_use`` blocks
+(stop reason ``tool_use``); :func:`respond` builds the reply from the ``tool_result`` blocks
+of the request's last user turn, so a scripted model can answer with what the tools said.
+Each turn of a conversation is one request, so ``[tool_use(...), respond(...)]`` scripts a
+two-turn conversation. It counts ``requests[prompt]`` (every
 request) and ``responses[prompt]`` (answers actually sent with status 200 and a valid body).
 ``delay`` slows every response; ``hold_after = K`` answers K requests in all and then holds
 every later one unanswered until :meth:`MessagesServer.release` (which drops them).
@@ -23,6 +30,7 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from verifiers.symbols import evaluate
@@ -42,6 +50,8 @@ class Action:
     headers: dict = field(default_factory=dict)
     delay: float = 0.0
     malformed: bool = False
+    tool_calls: tuple = ()          # ((name, input), ...): reply with tool_use blocks
+    respond: Callable | None = None  # (tool results) -> Action: reply built from them
 
 
 def ok(text: str | None = None, stop_reason: str = "end_turn", delay: float = 0.0) -> Action:
@@ -54,6 +64,41 @@ def error(status: int, **headers: str) -> Action:
 
 
 MALFORMED = Action(malformed=True)
+
+
+def tool_use(*calls: tuple[str, dict], text: str | None = "") -> Action:
+    """A turn that calls tools: ``tool_use(("solve", {"equations": [...], ...}), ...)``."""
+    return Action(text=text, stop_reason="tool_use", tool_calls=tuple(calls))
+
+
+def respond(build: Callable[[list[dict]], Action]) -> Action:
+    """A turn computed from the tool results received: ``build(results)`` gets the last user
+    turn's ``tool_result`` blocks as ``{"tool_use_id", "content", "is_error"}`` dicts."""
+    return Action(respond=build)
+
+
+def request_prompt(body: dict) -> str:
+    """The script key of a request: the first user message's text."""
+    first = next(m for m in body["messages"] if m["role"] == "user")
+    content = first["content"]
+    if isinstance(content, str):
+        return content
+    return "".join(block.get("text", "") for block in content if block.get("type") == "text")
+
+
+def tool_results(body: dict) -> list[dict]:
+    """The ``tool_result`` blocks of the request's last message (empty when there are none)."""
+    content = body["messages"][-1]["content"]
+    if isinstance(content, str):
+        return []
+    return [{"tool_use_id": b["tool_use_id"], "content": _result_text(b.get("content")),
+             "is_error": bool(b.get("is_error"))} for b in content if b.get("type") == "tool_result"]
+
+
+def _result_text(content) -> str:
+    if isinstance(content, list):
+        return "".join(block.get("text", "") for block in content)
+    return content or ""
 
 
 def default_answer(prompt: str) -> str:
@@ -111,11 +156,14 @@ class MessagesServer:
             return action
 
 
-def _anthropic_body(prompt: str, action: Action, model: str) -> dict:
+def _anthropic_body(prompt: str, action: Action, model: str, turn: int = 0) -> dict:
     text = default_answer(prompt) if action.text is None else action.text
+    content = [{"type": "text", "text": text}] if text else []
+    content += [{"type": "tool_use", "id": f"toolu_{turn}_{i}", "name": name, "input": arguments}
+                for i, (name, arguments) in enumerate(action.tool_calls)]
     return {
         "id": "msg_test", "type": "message", "role": "assistant", "model": model,
-        "content": [{"type": "text", "text": text}] if text else [],
+        "content": content,
         "stop_reason": action.stop_reason, "stop_sequence": None,
         "usage": {"input_tokens": len(prompt), "output_tokens": len(text)},
     }
@@ -168,19 +216,24 @@ def _handler(server: MessagesServer) -> type[BaseHTTPRequestHandler]:
             with server._lock:
                 server.paths.append(self.path)
                 server.bodies.append(body)
-            prompt = body["messages"][-1]["content"]
+            prompt = request_prompt(body)
             time.sleep(server.delay)
             action = server._next_action(prompt)
             if action is None:
                 server._release.wait()
                 return  # dropped: the connection closes without an answer
+            if action.respond is not None:
+                action = action.respond(tool_results(body))
             time.sleep(action.delay)
             if action.malformed:
                 return self._send(200, b'{"id": "msg_test", "content": [tru')
             if action.status != 200:
                 message = json.dumps({"type": "error", "error": {"type": "api_error", "message": f"status {action.status}"}})
                 return self._send(action.status, message.encode(), action.headers)
-            build = _openai_body if kind == "openai" else _anthropic_body
-            self._send(200, json.dumps(build(prompt, action, model)).encode(), action.headers)
+            if kind == "openai":
+                reply = _openai_body(prompt, action, model)
+            else:
+                reply = _anthropic_body(prompt, action, model, turn=len(body["messages"]) // 2)
+            self._send(200, json.dumps(reply).encode(), action.headers)
 
     return Handler

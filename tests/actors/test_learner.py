@@ -17,7 +17,8 @@ import torch
 from peft import PeftModel, get_peft_model_state_dict
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from actors.learner import Learner, lr_factor
+from actors.learner import Learner
+from actors.lr_schedule import lr_factor
 from actors.models import load_causal_lm
 from actors.shared_prefix import RowBatch, pack_micro_batches, plain_logits, split_group
 from rl.grpo import token_logprobs

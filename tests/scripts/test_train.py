@@ -47,6 +47,14 @@ def test_bad_config_is_a_clear_error(tmp_path, capsys):
     assert "bad.yaml:2" in err and "algorithm.stepz" in err and "steps" in err
 
 
+def test_sft_stage_knobs_of_the_sft_command_are_refused_here(tmp_path, capsys):
+    argv = ["--config", "configs/smoke.yaml", "--set", f"logging.run_dir={tmp_path}", "--set", "sft.distill_rounds=2"]
+    assert train.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "sft.distill_rounds=2" in err and "api-adapter sft" in err
+    assert not (tmp_path / "config.yaml").exists()  # refused before anything ran
+
+
 @pytest.mark.slow
 def test_format_warm_start_teaches_the_rewrite_format_on_the_embedded_model(tmp_path):
     """The SFT stage on standard-symbol items only: its loss falls, the base model (which writes
