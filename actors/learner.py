@@ -71,7 +71,7 @@ class LearnStats:
     tokens; tokens: trained (unmasked) completion tokens; skipped: no optimizer step was taken
     (non-finite loss or gradient, or no token to train on); skipped_total: such steps so far;
     lr: the learning rate of this step; seconds: wall time; micro_batches: forward/backward
-    passes."""
+    passes; gpu_peak_gb: the step's peak GPU memory allocated by torch (None on CPU)."""
 
     loss: float
     grad_norm: float
@@ -84,6 +84,7 @@ class LearnStats:
     lr: float
     seconds: float
     micro_batches: int
+    gpu_peak_gb: float | None = None
 
 
 @dataclass
@@ -264,6 +265,9 @@ class Learner:
         if objective not in OBJECTIVES:
             raise ValueError(f"objective={objective!r} is not one of {OBJECTIVES}")
         t0 = time.perf_counter()
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
         lr = self.engine.get_lr()[0]
         acc = self.backward_batch(groups, objective)
         if distributed.all_ranks(acc.tokens == 0 and acc.finite):  # no rank had a token to train
@@ -285,7 +289,8 @@ class Learner:
                           kl=acc.kl / n, clip_fraction=acc.clip / n, entropy=acc.entropy / n,
                           tokens=acc.tokens, skipped=not applied,
                           skipped_total=self.skipped_total, lr=lr,
-                          seconds=time.perf_counter() - t0, micro_batches=acc.micro_batches)
+                          seconds=time.perf_counter() - t0, micro_batches=acc.micro_batches,
+                          gpu_peak_gb=torch.cuda.max_memory_allocated(self.device) / 2**30 if cuda else None)
 
     def backward_batch(self, groups: Sequence[TrainGroup], objective: str = "grpo") -> "Accumulated":
         """Forward and backward over all groups, micro-batch by micro-batch, leaving the batch's

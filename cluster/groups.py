@@ -154,14 +154,16 @@ def merge_stats(parts: Sequence):
     """One step's stats from its ranks' (actors/learner.py's LearnStats): tokens add up, the
     loss is the ranks' mean (each rank's is its share of the batch loss times the ranks, which
     the gradient all-reduce averages), the per-token means are token-weighted, the gradient
-    norm is rank 0's (before the all-reduce)."""
+    norm is rank 0's (before the all-reduce), the GPU memory peak the largest rank's."""
     tokens = sum(p.tokens for p in parts)
     weighted = lambda name: sum(getattr(p, name) * p.tokens for p in parts) / max(1, tokens)  # noqa: E731
     return dataclasses.replace(parts[0], loss=sum(p.loss for p in parts) / len(parts), tokens=tokens,
                                kl=weighted("kl"),
                                clip_fraction=weighted("clip_fraction"), entropy=weighted("entropy"),
                                micro_batches=sum(p.micro_batches for p in parts),
-                               seconds=max(p.seconds for p in parts))
+                               seconds=max(p.seconds for p in parts),
+                               gpu_peak_gb=max((p.gpu_peak_gb for p in parts if p.gpu_peak_gb is not None),
+                                               default=None))
 
 
 class VerifierPool:

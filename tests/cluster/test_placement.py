@@ -53,6 +53,18 @@ def test_learner_and_three_rollout_gpus():
         p.transport(1, requested="ipc")
 
 
+def test_the_multinode_config_plans_on_two_four_gpu_nodes():
+    from cluster.build import weight_sync_transport
+    from rl.config import load_config
+
+    config = load_config("configs/multinode_2x4.yaml")
+    p = plan(request_from_config(config.cluster, config.rollout), [node("n1", 16, 4), node("n2", 16, 4)])
+    assert len(on(p, "n1")) == len(on(p, "n2")) == 4
+    assert weight_sync_transport(p, config.rollout.num_engines, config.cluster.weight_sync) == "nccl"
+    with pytest.raises(PlacementError):
+        plan(request_from_config(config.cluster, config.rollout), [node("n1", 16, 4)])
+
+
 def test_two_nodes_four_gpus_each():
     nodes = [node("h0", 2, 0), node("w1", 4, 4), node("w2", 4, 4)]
     p = plan(req(learners=2, lg=1, engines=6, rg=1, cl=0.5, ce=0.5), nodes)
