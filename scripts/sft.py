@@ -32,6 +32,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from rl.interfaces import sync_adapter  # noqa: E402  (light: no torch)
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -108,7 +110,7 @@ def _distill(config, parts, tokenizer, train_items, sink, first_step: int) -> li
                    else CountBatches(groups, sft.batch_size, config.data.seed))
         run_sft(parts.learner, batches, step + sft.distill_steps, sink.log, start_step=step)
         step += sft.distill_steps
-        parts.engine.update_adapter(parts.learner.policy_version, parts.learner.export_adapter())
+        sync_adapter(parts.engine, parts.learner)
     return rounds
 
 
@@ -141,7 +143,7 @@ def resume_sft(config, manager, engine, learner) -> tuple[int, int]:
         raise CheckpointError(f"{folder} is a {meta.get('stage', 'grpo')!r} checkpoint, not an SFT one; "
                               "start the next stage from its adapter (lora.init_from)")
     learner.load_state(folder)
-    engine.update_adapter(learner.policy_version, learner.export_adapter())
+    sync_adapter(engine, learner)
     restore_rng(meta["rng"])
     print(f"resumed SFT from {folder}: step {meta['sft_step']}, data position {meta['data_position']}")
     return meta["sft_step"], meta["data_position"]
@@ -191,7 +193,7 @@ def _stages(config, run: Path, parts) -> dict:
         results["before"] = _evaluate(parts.engine, test_items, config, run, "before")[0]
     if config.sft.steps:
         history = _rationale(config, run, tokenizer, parts, test_items, sink, manager, start_step, position)
-        parts.engine.update_adapter(parts.learner.policy_version, parts.learner.export_adapter())
+        sync_adapter(parts.engine, parts.learner)
         results["rationale"] = {"steps": config.sft.steps, "loss_first": history[0]["sft/loss"] if history else None,
                                 "loss_last": history[-1]["sft/loss"] if history else None}
     if config.sft.distill_rounds:
