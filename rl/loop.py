@@ -68,6 +68,7 @@ class LoopSettings:
     time_budget_s: float | None = None
     stall_steps: int = 5
     max_policy_lag: int = 0
+    shuffle: bool = True
 
 
 @dataclass
@@ -94,14 +95,15 @@ class StreamPosition:
 
 
 class ItemStream:
-    """Endless epochs over ``items``, each reshuffled by a seeded RNG; ``position`` counts the
-    items handed out, and a stream started at a position continues exactly where one that
-    handed out that many items would (what a checkpoint needs to resume the data order)."""
+    """Endless epochs over ``items``, each reshuffled by a seeded RNG (in the given order every
+    epoch with ``shuffle=False``); ``position`` counts the items handed out, and a stream
+    started at a position continues exactly where one that handed out that many items would
+    (what a checkpoint needs to resume the data order)."""
 
-    def __init__(self, items: Sequence[TrainItem], seed: int, position: int = 0):
+    def __init__(self, items: Sequence[TrainItem], seed: int, position: int = 0, shuffle: bool = True):
         if not items:
             raise ValueError("no training items")
-        self.items, self.seed, self.position = list(items), seed, 0
+        self.items, self.seed, self.position, self.shuffle = list(items), seed, 0, shuffle
         self._order: list[int] = []
         self._epoch = -1
         for _ in range(position):
@@ -109,7 +111,8 @@ class ItemStream:
 
     def _epoch_order(self, epoch: int) -> list[int]:
         order = list(range(len(self.items)))
-        random.Random(f"{self.seed}:{epoch}").shuffle(order)
+        if self.shuffle:
+            random.Random(f"{self.seed}:{epoch}").shuffle(order)
         return order
 
     def __iter__(self) -> "ItemStream":
@@ -312,7 +315,7 @@ def train(items: Sequence[TrainItem], engine, learner, score: Scorer, settings: 
     evaluation); ``on_step_end(step, metrics, position)`` is where the caller checkpoints:
     ``position.position`` is the item stream's position after the step's batch.
     """
-    stream = ItemStream(items, settings.seed, data_position)
+    stream = ItemStream(items, settings.seed, data_position, settings.shuffle)
     if settings.max_policy_lag:
         engine = SerializedEngine(engine)
         rollouts = RolloutsAhead(lambda step: collect(step, stream, engine, score, settings),

@@ -147,7 +147,7 @@ def run_ours(s: Settings) -> dict:
     from actors.learner import Learner
     from actors.rollout_hf import HFRolloutEngine
     from rl.interfaces import sync_adapter
-    from rl.loop import LoopSettings, TrainItem, train_step
+    from rl.loop import ItemStream, LoopSettings, TrainItem, train_step
     from rl.records import SamplingParams
     from verifiers.rewards import Example, get_reward
 
@@ -170,7 +170,7 @@ def run_ours(s: Settings) -> dict:
         sampling=SamplingParams(max_new_tokens=s.max_new_tokens, temperature=s.temperature),
         filter_zero_variance=s.filter_zero_variance,
         max_refill_rounds=2 if s.filter_zero_variance else 0, seed=s.seed)
-    stream = iter(items)
+    stream = ItemStream(items, s.seed, shuffle=False)  # the rows in order, as TRL's side takes them
     steps = []
     for step in range(s.steps + 1):
         t0 = time.perf_counter()

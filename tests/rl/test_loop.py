@@ -111,6 +111,12 @@ def test_refill_bound_then_no_learning_step():
     assert metrics["groups/zero_variance_dropped"] == 4
 
 
+def test_item_stream_without_shuffle_keeps_the_order_every_epoch():
+    items, _ = _items(["flat"] * 3)
+    stream = ItemStream(items, seed=0, shuffle=False)
+    assert [next(stream).uid for _ in range(7)] == ["u0", "u1", "u2", "u0", "u1", "u2", "u0"]
+
+
 def test_item_stream_reshuffles_every_epoch_and_resumes_at_a_position():
     items = list(range(5))
     stream = ItemStream(items, seed=0)
