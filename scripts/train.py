@@ -219,7 +219,12 @@ def _train_and_evaluate(config, run: Path, parts: Parts, train_tasks, test_tasks
         filter_zero_variance=algo.filter_zero_variance, max_refill_rounds=algo.max_refill_rounds,
         seed=config.data.seed, time_budget_s=algo.max_train_seconds, stall_steps=config.logging.stall_steps,
         max_policy_lag=algo.async_off_policy_steps, shuffle=config.data.shuffle)
-    sink = sinks_for(config.logging.tracker, run, config.logging.name)
+    sink = sinks_for(config.logging.tracker, run)
+    if config.cluster.mode == "ray":
+        from cluster.metrics import RayMetricsSink
+        from rl.metrics import FanOut
+
+        sink = FanOut(sink, RayMetricsSink(config.logging.name))
     start = time.perf_counter()
     last: dict = {}  # the last step, its data stream, and its checkpoint (None: not saved)
     with GracefulStop() as stop:  # entered after ray.init, which installs a SIGTERM handler of its own

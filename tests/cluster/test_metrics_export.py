@@ -8,7 +8,8 @@ import urllib.request
 import pytest
 import ray
 
-from rl.metrics import prometheus_name, sinks_for
+from cluster.metrics import RayMetricsSink, prometheus_name
+from rl.metrics import FanOut, sinks_for
 
 
 def test_metric_keys_become_distinct_prometheus_names():
@@ -50,7 +51,7 @@ def test_on_ray_every_numeric_step_metric_is_exported_with_the_run_name(tmp_path
     ray.init(num_cpus=1, include_dashboard=False, configure_logging=False, _metrics_export_port=port,
              _system_config={"metrics_report_interval_ms": 500})
     try:
-        sink = sinks_for("jsonl", tmp_path, "exported")
+        sink = FanOut(sinks_for("jsonl", tmp_path), RayMetricsSink("exported"))  # as the trainer wires it
         sink.log(3, {"reward/mean": 0.25, "reward/symbol/θ": 0.5, "sample": {"completion": "x", "reward": 1.0}})
         lines = _scrape(port, ["ray_api_adapter_reward_mean", "ray_api_adapter_reward_symbol_theta",
                                "ray_api_adapter_step"])
