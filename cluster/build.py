@@ -8,9 +8,12 @@ creates the placement group and the actor groups, and returns the loop's three i
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from rl.files import write_atomic
 
 
 def device_for(gpus: float) -> str:
@@ -89,6 +92,7 @@ def connect(address: str | None) -> None:
 
 def build_ray(config, run: Path) -> RayRun:
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from cluster import groups
     from cluster.hosts import EngineHost, LearnerHost, UpstreamHost, VerifierHost
@@ -97,25 +101,40 @@ def build_ray(config, run: Path) -> RayRun:
     cl = config.cluster
     the_plan = plan(request_from_config(cl, config.rollout), cluster_nodes())
     print("placement:\n" + the_plan.describe())
+    write_atomic(run / "placement.json", json.dumps(placement_record(the_plan), indent=2) + "\n")
     pg = create_placement_group(the_plan, name=f"api-adapter-{config.logging.name}")
     learner_host = ray.remote(LearnerHost)
     learners = [learner_host.options(**groups.learner_options(the_plan, pg, rank)).remote(
-                    learner_kwargs(config, device_for(cl.learner_gpus)), cl.cpus_per_learner, rank, cl.num_learners)
+                    learner_kwargs(config, device_for(cl.learner_gpus)), cl.cpus_per_learner, rank, cl.num_learners,
+                    cl.socket_interface)
                 for rank in range(cl.num_learners)]
     engines = groups.make_group(EngineHost, config.rollout.num_engines,
                                 lambda i: groups.engine_options(the_plan, pg, i),
-                                engine_kwargs(config, device_for(cl.rollout_gpus_per_engine)), cl.cpus_per_engine)
+                                engine_kwargs(config, device_for(cl.rollout_gpus_per_engine)), cl.cpus_per_engine,
+                                cl.socket_interface)
     verifiers = groups.make_group(VerifierHost, cl.num_verifiers, lambda i: groups.verifier_options(the_plan, pg, i),
                                   "binary")
-    upstream = groups.make_group(UpstreamHost, 1, lambda i: {"num_cpus": 0}, provider_kwargs(config),
-                                 str(config.upstream.cache_path or run / "upstream_cache.sqlite"),
+    # The cache's one owner lives where the driver runs, so the cache file is on the driver's disk.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    upstream = groups.make_group(UpstreamHost, 1, lambda i: {"num_cpus": 0, "scheduling_strategy": here},
+                                 provider_kwargs(config), str(config.upstream.cache_path or run / "upstream_cache.sqlite"),
                                  config.upstream.max_concurrency)[0]
     learner = groups.LearnerGroup(learners)
     kind = weight_sync_transport(the_plan, config.rollout.num_engines, cl.weight_sync)
     print(f"weight sync: {kind}")
-    engine = groups.EngineGroup(engines, groups.LearnerPush(kind, learners[0], engines))
+    engine = groups.EngineGroup(engines, groups.LearnerPush(kind, learners[0], engines, cl.weight_sync_timeout_s),
+                                nodes=[the_plan.actor("rollout", i).node_id for i in range(len(engines))],
+                                verify=cl.verify_sync)
     engine.sync_from(learner)  # one starting point
     return RayRun(engine, learner, groups.VerifierPool(verifiers), upstream, the_plan, pg)
+
+
+def placement_record(the_plan) -> dict:
+    """Where each actor of the plan goes (``RUN/placement.json``): node id and IP, CPUs, GPUs,
+    cards; no node for an actor that reserves nothing (Ray places it)."""
+    ip = {n.node_id: n.ip for n in the_plan.nodes}
+    return {a.name: {"node_id": a.node_id, "ip": ip.get(a.node_id), "cpus": a.cpus,
+                     "gpus": a.gpus, "cards": list(a.cards)} for a in the_plan.actors}
 
 
 def weight_sync_transport(the_plan, num_engines: int, requested: str) -> str:
@@ -126,3 +145,21 @@ def weight_sync_transport(the_plan, num_engines: int, requested: str) -> str:
     names = {"ipc": "cuda_ipc"}
     kinds = {names.get(k, k) for k in (the_plan.transport(i, requested) for i in range(num_engines))}
     return kinds.pop() if len(kinds) == 1 else "object_store"
+
+
+def raise_if_actor_lost(error: BaseException, checkpoints: Path) -> None:
+    """Turn a dead actor the run cannot do without (a learner rank; engines are dropped or
+    restarted instead: cluster/groups.py) into :class:`rl.checkpoint.RunAborted`, naming the
+    checkpoint to resume from; any other error is left alone."""
+    import ray
+
+    from rl.checkpoint import CheckpointManager, RunAborted
+
+    if not isinstance(error, ray.exceptions.RayActorError):
+        return
+    latest = CheckpointManager(checkpoints, keep_last=0).latest()
+    cause = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    where = (f"the last checkpoint is {latest}: on a cluster with the resources, submit the same "
+             f"command with --set checkpoint.resume=true to continue from it" if latest else
+             "no checkpoint was written yet: the run starts over")
+    raise RunAborted(f"a Ray actor the run needs died ({cause}); {where}") from error

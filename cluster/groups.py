@@ -9,16 +9,25 @@ Faults: verifier actors restart when they die and their tasks are retried (``max
 ``max_task_retries``), so a crashed verifier costs a retry, not the run. Rollout engines
 restart too (they reload the base model; before the next generation the weight-sync
 transport is opened anew, every rank of a gloo/NCCL group included, and the current adapter
-pushed); a generate call that was running on an engine that died is retried once. A dead
-learner ends the run (its optimizer state lives only there): resume from the last checkpoint.
+pushed); a generate call that was running on an engine that died is retried once. An engine
+whose node leaves the cluster cannot restart where the plan pinned it: it is dropped, the
+transport rebuilt with the rest, and its prompts go to the engines that remain (the run goes
+on while one is left). A dead learner ends the run (its optimizer state lives only there):
+resume from the last checkpoint.
+
+Nothing passes between hosts through a filesystem: the learner's adapter and checkpoint files
+come to the driver as values and are written where it runs (and sent back on resume).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import TYPE_CHECKING, Callable, Sequence
 
 import ray
+
+from rl.files import folder_files, write_files
 
 if TYPE_CHECKING:
     from cluster.weight_sync import SyncStats
@@ -42,38 +51,107 @@ def _shards(n_items: int, n_shards: int) -> list[range]:
     return bounds
 
 
+class EngineLost(Exception):
+    """Engines were dropped because their node left the cluster: redo the call without them."""
+
+
 class EngineGroup:
     """Rollout engines as one :class:`rl.interfaces.RolloutEngine`; ``sync``: the learner's
-    weight-sync transport to them (:class:`LearnerPush`)."""
+    weight-sync transport to them (:class:`LearnerPush`); ``nodes``: each engine's Ray node
+    (its loss is watched every ``liveness_s`` while a call waits); ``verify``: after every push,
+    check each engine's adapter against the learner's by digest (``SyncStats.verified``)."""
 
-    def __init__(self, actors: Sequence, sync: LearnerPush):
+    def __init__(self, actors: Sequence, sync: LearnerPush, nodes: Sequence[str] | None = None,
+                 verify: bool = False, liveness_s: float = 5.0, grace_s: float = 45.0):
         self.actors = list(actors)
-        self.sync = sync
+        self.nodes = list(nodes) if nodes is not None else [None] * len(self.actors)
+        self.sync, self.verify, self.liveness_s, self.grace_s = sync, verify, liveness_s, grace_s
         self.policy_version = ray.get(self.actors[0].policy_version.remote())
+
+    def _drop_lost(self) -> bool:
+        """Drop the engines whose node has left the cluster and rebuild the transport with the
+        others (they hold the current adapter: no push needed); whether any was dropped."""
+        alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+        lost = [i for i, node in enumerate(self.nodes) if node is not None and node not in alive]
+        if not lost:
+            return False
+        for i in reversed(lost):
+            ray.kill(self.actors[i], no_restart=True)
+            del self.actors[i], self.nodes[i]
+        print(f"rollout engines {lost} lost with their node; going on with {len(self.actors)}", flush=True)
+        if not self.actors:
+            raise RuntimeError("every rollout engine's node has left the cluster")
+        self.sync.engines = list(self.actors)
+        self.sync.open()
+        return True
+
+    def _gather(self, refs: list) -> list:
+        """``ray.get(refs)``, watching the engines' nodes while waiting: a call to an engine
+        whose node is gone never returns (the engine waits to restart on it), so every
+        ``liveness_s`` the nodes are checked. On a lost node (also one Ray notices up to
+        ``grace_s`` after an engine died), the engines are dropped and :class:`EngineLost`
+        raised; any other error goes to the caller as it is."""
+        pending = list(refs)
+        while pending:
+            _, pending = ray.wait(pending, num_returns=len(pending), timeout=self.liveness_s)
+            if pending and self._drop_lost():
+                raise EngineLost
+        try:
+            return ray.get(refs)
+        except ray.exceptions.RayActorError as error:
+            if error.actor_id not in {actor._actor_id.hex() for actor in self.actors}:
+                raise  # not an engine (the learner, mid-push): nothing to wait for
+            deadline = time.monotonic() + self.grace_s
+            while time.monotonic() < deadline:
+                if self._drop_lost():
+                    raise EngineLost from None
+                time.sleep(self.liveness_s)
+            raise
 
     def _resync_restarted(self) -> None:
         """An engine that restarted came back with the initial adapter and no transport: open
         the transport anew (a collective group must be rebuilt with every rank) and push."""
-        versions = ray.get([actor.policy_version.remote() for actor in self.actors])
+        versions = self._gather([actor.policy_version.remote() for actor in self.actors])
         if any(v != self.policy_version for v in versions):
             self.sync.open()
-            self.policy_version = self.sync.push().version
+            self.policy_version = self.sync.push(self._gather).version
+
+    def _retrying(self, call: Callable):
+        while True:
+            try:
+                return call()
+            except EngineLost:
+                continue
 
     def generate(self, prompts, n, sampling):
+        return self._retrying(lambda: self._generate(prompts, n, sampling))
+
+    def _generate(self, prompts, n, sampling):
         self._resync_restarted()
         shards = [s for s in _shards(len(prompts), len(self.actors)) if len(s)]
         refs = [actor.generate.remote([prompts[i] for i in shard], n, sampling)
                 for actor, shard in zip(self.actors, shards)]
         completions = []
-        for shard, part in zip(shards, ray.get(refs)):
+        for shard, part in zip(shards, self._gather(refs)):
             completions += [dataclasses.replace(c, prompt_index=shard.start + c.prompt_index) for c in part]
         return completions
 
     def sync_from(self, learner) -> SyncStats:
         """The learner's current adapter, sent by its actor straight to every engine."""
+        return self._retrying(lambda: self._sync_from(learner))
+
+    def _sync_from(self, learner) -> SyncStats:
         self._resync_restarted()
-        stats = self.sync.push()
+        stats = self.sync.push(self._gather)
         self.policy_version = stats.version
+        if self.verify:
+            digest = learner.adapter_digest()
+            held = self._gather([actor.adapter_digest.remote() for actor in self.actors])
+            wrong = [i for i, d in enumerate(held) if d != (stats.version, digest)]
+            if wrong:
+                raise RuntimeError(f"after the push of version {stats.version}, engines {wrong} hold "
+                                   f"another adapter than the learner's: {held}")
+            stats = dataclasses.replace(stats, verified=True)
         return stats
 
     def update_adapter(self, version: int, tensors: dict) -> None:
@@ -130,18 +208,27 @@ class LearnerGroup:
         assert version == self.policy_version
         return tensors
 
+    def adapter_digest(self) -> str:
+        version, digest = ray.get(self.actor.adapter_digest.remote())
+        assert version == self.policy_version
+        return digest
+
     def save_adapter(self, path) -> str:
-        return ray.get(self.actor.save_adapter.remote(str(path)))
+        """Rank 0's adapter folder, written here (where the driver runs)."""
+        return str(write_files(path, ray.get(self.actor.adapter_files.remote())))
 
     def save_state(self, folder) -> None:
-        ray.get([actor.save_state.remote(str(folder)) for actor in self.actors])
+        """Every rank's part of a checkpoint, written here (rank 0 adds the adapter)."""
+        for files in ray.get([actor.state_files.remote() for actor in self.actors]):
+            write_files(folder, files)
 
     def configure_stage(self, **settings) -> None:
         """A curriculum stage's settings on every rank (rl/curriculum.py)."""
         ray.get([actor.configure_stage.remote(**settings) for actor in self.actors])
 
     def load_state(self, folder) -> None:
-        versions = ray.get([actor.load_state.remote(str(folder)) for actor in self.actors])
+        files = ray.put(folder_files(folder))  # read here, sent to every rank's host
+        versions = ray.get([actor.load_state_files.remote(files) for actor in self.actors])
         assert len(set(versions)) == 1, f"learner ranks loaded versions {versions}"
         self.policy_version = versions[0]
 
@@ -184,23 +271,24 @@ class LearnerPush:
     from the learner's process to the engines' without passing through the driver. The learner
     is rank 0 and engine i rank i + 1 of a collective transport."""
 
-    def __init__(self, kind: str, learner_actor, engine_actors: Sequence):
-        self.kind, self.learner, self.engines = kind, learner_actor, list(engine_actors)
+    def __init__(self, kind: str, learner_actor, engine_actors: Sequence, timeout_s: float = 300.0):
+        self.kind, self.learner, self.engines, self.timeout_s = kind, learner_actor, list(engine_actors), timeout_s
         self.open()
 
     def open(self) -> None:
         """(Re)build both ends, the learner's first (it hosts a collective group's store), then
         every engine's; a collective group connects on the first push."""
         world = len(self.engines) + 1
-        address = ray.get(self.learner.open_weight_sync.remote(self.kind, world))
-        ray.get([engine.open_weight_sync.remote(self.kind, address, rank, world)
+        address = ray.get(self.learner.open_weight_sync.remote(self.kind, world, self.timeout_s))
+        ray.get([engine.open_weight_sync.remote(self.kind, address, rank, world, self.timeout_s)
                  for rank, engine in enumerate(self.engines, start=1)])
 
-    def push(self) -> SyncStats:
+    def push(self, get: Callable = ray.get) -> SyncStats:
+        """One push; ``get`` gathers the ObjectRefs (EngineGroup's watches the engines' nodes)."""
         from cluster.weight_sync import sync_round
 
         stats, versions = sync_round(self.kind, self.learner.push_weights.remote,
-                                     [lambda ticket, e=e: e.sync.remote(ticket) for e in self.engines])
+                                     [lambda ticket, e=e: e.sync.remote(ticket) for e in self.engines], get)
         assert all(v == stats.version for v in versions), f"engines report {versions}, pushed {stats.version}"
         return stats
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import tempfile
 from typing import Sequence
 
 
@@ -23,6 +24,23 @@ def _set_threads(cpus: float) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
 
 
+def _pin_interface(name: str | None) -> None:
+    """Use network interface ``name`` for gloo and NCCL (None: the one holding the node's Ray
+    address, found when a group is built: cluster/weight_sync_dist.py)."""
+    if name:
+        os.environ["GLOO_SOCKET_IFNAME"] = os.environ["NCCL_SOCKET_IFNAME"] = name
+
+
+def _files_of(save) -> dict[str, bytes]:
+    """What ``save(folder)`` writes, as a value (rl/files.py): the driver writes it where it
+    runs, so that nothing passes between hosts through a filesystem."""
+    from rl.files import folder_files
+
+    with tempfile.TemporaryDirectory(prefix="api-adapter-") as tmp:
+        save(tmp)
+        return folder_files(tmp)
+
+
 def _close(end) -> None:
     """Close a weight-sync end that holds a connection (a process group); others hold none."""
     if end is not None and hasattr(end, "close"):
@@ -32,22 +50,24 @@ def _close(end) -> None:
 class EngineHost:
     """A rollout engine (HF here; vLLM on GPUs) in its own actor."""
 
-    def __init__(self, engine_kwargs: dict, cpus: float = 1.0):
+    def __init__(self, engine_kwargs: dict, cpus: float = 1.0, socket_interface: str | None = None):
         from actors.rollout_hf import HFRolloutEngine
 
         _set_threads(cpus)
+        _pin_interface(socket_interface)
         self.engine = HFRolloutEngine(**engine_kwargs)
         self.receiver = None
 
     def generate(self, prompts, n, sampling):
         return self.engine.generate(prompts, n, sampling)
 
-    def open_weight_sync(self, kind: str, address=None, rank: int = 1, world_size: int = 2) -> None:
+    def open_weight_sync(self, kind: str, address=None, rank: int = 1, world_size: int = 2,
+                         timeout_s: float = 300.0) -> None:
         """Become rank ``rank`` of a weight-sync transport (closing the previous one)."""
         from cluster.weight_sync import make_receiver
 
         _close(self.receiver)
-        self.receiver = make_receiver(kind, address, rank, world_size, str(self.engine.device))
+        self.receiver = make_receiver(kind, address, rank, world_size, str(self.engine.device), timeout_s)
 
     def sync(self, ticket) -> int:
         """Receive the learner's push (its ticket, or None on a collective transport) and swap
@@ -64,6 +84,11 @@ class EngineHost:
     def adapter_state(self) -> dict:
         return {name: t.clone() for name, t in self.engine.adapter_state().items()}
 
+    def adapter_digest(self) -> tuple[int, str]:
+        from cluster.weight_sync import adapter_digest
+
+        return self.engine.policy_version, adapter_digest(self.engine.adapter_state())
+
     def policy_version(self) -> int:
         return self.engine.policy_version
 
@@ -76,8 +101,10 @@ class LearnerHost:
     which builds the learner inside DeepSpeed's process group of ``world_size`` ranks -- never
     a port or rank inherited from whatever environment started the Ray cluster."""
 
-    def __init__(self, learner_kwargs: dict, cpus: float = 1.0, rank: int = 0, world_size: int = 1):
+    def __init__(self, learner_kwargs: dict, cpus: float = 1.0, rank: int = 0, world_size: int = 1,
+                 socket_interface: str | None = None):
         _set_threads(cpus)
+        _pin_interface(socket_interface)
         self.kwargs, self.rank, self.world_size = learner_kwargs, rank, world_size
         self.learner = self.sender = None
 
@@ -113,30 +140,41 @@ class LearnerHost:
     def export_adapter(self) -> tuple[int, dict]:
         return self.learner.policy_version, self.learner.export_adapter()
 
-    def open_weight_sync(self, kind: str, world_size: int):
+    def open_weight_sync(self, kind: str, world_size: int, timeout_s: float = 300.0):
         """Become the sending end (rank 0) of a weight-sync transport to ``world_size - 1``
         engines, closing the previous one; returns the address receivers join (or None)."""
         from cluster.weight_sync import make_sender
 
         _close(self.sender)
-        self.sender = make_sender(kind, world_size, str(self.learner.device))
+        self.sender = make_sender(kind, world_size, str(self.learner.device), timeout_s)
         return getattr(self.sender, "address", None)
 
     def push_weights(self):
         """Send the adapter under the current version; the sender's SyncStats (with its ticket)."""
         return self.sender.push(self.learner.policy_version, self.learner.export_adapter())
 
-    def save_adapter(self, path: str) -> str:
-        return str(self.learner.save_adapter(path))
+    def adapter_digest(self) -> tuple[int, str]:
+        from cluster.weight_sync import adapter_digest
 
-    def save_state(self, folder: str) -> None:
-        self.learner.save_state(folder)
+        return self.learner.policy_version, adapter_digest(self.learner.export_adapter())
+
+    def adapter_files(self) -> dict[str, bytes]:
+        """The PEFT adapter folder's files (the driver writes them: LearnerGroup.save_adapter)."""
+        return _files_of(self.learner.save_adapter)
+
+    def state_files(self) -> dict[str, bytes]:
+        """This rank's part of a checkpoint (Learner.save_state), as files."""
+        return _files_of(self.learner.save_state)
 
     def configure_stage(self, **settings) -> None:
         self.learner.configure_stage(**settings)
 
-    def load_state(self, folder: str) -> int:
-        self.learner.load_state(folder)
+    def load_state_files(self, files: dict[str, bytes]) -> int:
+        """Resume from a checkpoint's files, sent by the driver; the policy version."""
+        from rl.files import write_files
+
+        with tempfile.TemporaryDirectory(prefix="api-adapter-") as tmp:
+            self.learner.load_state(write_files(tmp, files))
         return self.learner.policy_version
 
     def policy_version(self) -> int:

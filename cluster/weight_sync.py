@@ -99,13 +99,15 @@ class SyncHeader:
 class SyncStats:
     """One push as the sender saw it: payload bytes, seconds from the call to the last byte
     handed over (pack included), bucket count; ``ticket``: what receivers need from this push
-    (None for the collective transports)."""
+    (None for the collective transports); ``verified``: whether every engine's adapter was
+    then checked equal to the learner's (:func:`adapter_digest`; None: not checked)."""
 
     version: int
     bytes: int
     seconds: float
     buckets: int
     ticket: Any = None
+    verified: bool | None = None
 
     @property
     def gbps(self) -> float:
@@ -184,6 +186,19 @@ def unpack(header: SyncHeader, buffers: Sequence[Tensor]) -> dict[str, Tensor]:
     return {m.name: views[m.name] for m in header.metas}
 
 
+def adapter_digest(tensors: dict[str, Tensor]) -> str:
+    """SHA-256 over the names, dtypes, shapes and bytes of ``tensors`` (in name order): equal
+    digests mean bit-for-bit equal adapters, wherever each side lives."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(as_bytes(t.reshape(-1)).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def as_bytes(flat: Tensor) -> Tensor:
     """A 1-D contiguous buffer's raw bytes (a view): what goes over the wire."""
     return flat.view(torch.uint8)
@@ -219,19 +234,21 @@ class WeightReceiver(ABC):
     def receive(self, ticket: Any = None) -> tuple[int, dict[str, Tensor]]: ...
 
 
-def sync_round(kind: str, push: Callable[[], Any], receives: Sequence[Callable[[Any], Any]]
-               ) -> tuple[SyncStats, list[Any]]:
+def sync_round(kind: str, push: Callable[[], Any], receives: Sequence[Callable[[Any], Any]],
+               get: Callable[[list], list] | None = None) -> tuple[SyncStats, list[Any]]:
     """Run one push on Ray actors: ``push()`` and each ``receives[i](ticket)`` return ObjectRefs
-    (e.g. ``lambda: learner.push_weights.remote(v)``, ``lambda t: engine.sync.remote(t)``).
-    Collective transports start every end at once; the others hand the push's ticket on."""
+    (e.g. ``lambda: learner.push_weights.remote(v)``, ``lambda t: engine.sync.remote(t)``),
+    gathered by ``get`` (a list of refs to their values; default ``ray.get``). Collective
+    transports start every end at once; the others hand the push's ticket on."""
     import ray
 
+    get = get or ray.get
     if kind in COLLECTIVE:
-        stats_ref = push()
-        done = [r(None) for r in receives]
-        return ray.get(stats_ref), ray.get(done)
-    stats = ray.get(push())
-    return stats, ray.get([r(stats.ticket) for r in receives])
+        refs = [push(), *(r(None) for r in receives)]
+        stats, *done = get(refs)
+        return stats, done
+    stats = get([push()])[0]
+    return stats, get([r(stats.ticket) for r in receives])
 
 
 # ---------------------------------------------------------------------------- Ray object store
@@ -288,13 +305,14 @@ class ObjectStoreReceiver(WeightReceiver):
 # ---------------------------------------------------------------------------- ends by name
 
 
-def make_sender(kind: str, world_size: int, device: str = "cpu") -> WeightSender:
+def make_sender(kind: str, world_size: int, device: str = "cpu", timeout_s: float = 300.0) -> WeightSender:
     """The learner's end of transport ``kind`` (``gloo``, ``nccl``, ``cuda_ipc`` or
-    ``object_store``) for a group of the learner and ``world_size - 1`` engines."""
+    ``object_store``) for a group of the learner and ``world_size - 1`` engines; a collective
+    transport gives up on a rank after ``timeout_s`` (a dead engine must not hang the learner)."""
     if kind in COLLECTIVE:
         from cluster.weight_sync_dist import TorchDistributedSender
 
-        return TorchDistributedSender(world_size, kind)
+        return TorchDistributedSender(world_size, kind, timeout_s=timeout_s)
     if kind == "cuda_ipc":
         from cluster.weight_sync_ipc import CudaIpcSender
 
@@ -304,13 +322,14 @@ def make_sender(kind: str, world_size: int, device: str = "cpu") -> WeightSender
     raise ValueError(f"weight-sync transport {kind!r} is not one of {TRANSPORTS}")
 
 
-def make_receiver(kind: str, address: Any, rank: int, world_size: int, device: str = "cpu") -> WeightReceiver:
+def make_receiver(kind: str, address: Any, rank: int, world_size: int, device: str = "cpu",
+                  timeout_s: float = 300.0) -> WeightReceiver:
     """Engine ``rank`` (1..world_size-1)'s end of transport ``kind``; ``address``: the
     sender's (collective transports only)."""
     if kind in COLLECTIVE:
         from cluster.weight_sync_dist import TorchDistributedReceiver
 
-        return TorchDistributedReceiver(address, rank, world_size, kind)
+        return TorchDistributedReceiver(address, rank, world_size, kind, timeout_s=timeout_s)
     if kind == "cuda_ipc":
         from cluster.weight_sync_ipc import CudaIpcReceiver
 

@@ -49,6 +49,11 @@ class CheckpointError(ValueError):
     """A checkpoint to resume from is missing or incomplete."""
 
 
+class RunAborted(RuntimeError):
+    """The run cannot go on (e.g. its learner's node left the cluster); the message says why
+    and which checkpoint a resumed run continues from."""
+
+
 class TrainingStopped(Exception):
     """Raised from the step-end hook after a stop was requested and the checkpoint written;
     ``step``: the steps completed, ``checkpoint``: the folder saved (None if none)."""

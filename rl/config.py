@@ -286,6 +286,14 @@ class ClusterConfig:
                             "placement: ipc, nccl, and on CPU the object store on one node, gloo "
                             "across nodes.",
                             choices=("auto", "ipc", "nccl", "gloo", "object_store"))
+    socket_interface: Optional[str] = knob(None, "Network interface for gloo and NCCL (weight sync, "
+                                           "learner ranks) on every node; null: the one holding the "
+                                           "node's Ray address.", allowed="an interface name, e.g. eth0")
+    weight_sync_timeout_s: float = knob(300.0, "Seconds a gloo/NCCL weight push waits for an engine "
+                                        "before failing (an engine whose node died must not hang "
+                                        "the learner).", gt=0, le=86400)
+    verify_sync: bool = knob(False, "After every push, check each engine's adapter against the "
+                             "learner's by SHA-256 (bit for bit; logged as sync/verified).")
 
 
 @dataclass(frozen=True)

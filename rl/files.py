@@ -1,5 +1,6 @@
-"""Writing result files so that a crash never leaves half of one: a temporary file beside the
-target, fsynced, then renamed over it (a rename within a folder is atomic on POSIX)."""
+"""Writing result files so that a crash never leaves half of one (a temporary file beside the
+target, fsynced, then renamed over it: a rename within a folder is atomic on POSIX), and
+folders as values, to move them between hosts that share no disk."""
 
 from __future__ import annotations
 
@@ -22,3 +23,22 @@ def write_atomic(path: str | Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def folder_files(folder: str | Path) -> dict[str, bytes]:
+    """Every file under ``folder`` by its path relative to it: a folder as a value that can
+    travel to another host (through Ray), where :func:`write_files` lays it out again."""
+    folder = Path(folder)
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def write_files(folder: str | Path, files: dict[str, bytes]) -> Path:
+    """Write :func:`folder_files`' output under ``folder`` (created); returns ``folder``."""
+    folder = Path(folder)
+    for name, data in files.items():
+        path = folder / name
+        if not path.resolve().is_relative_to(folder.resolve()):
+            raise ValueError(f"{name!r} leaves {folder}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    return folder

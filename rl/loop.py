@@ -282,6 +282,8 @@ def learn(batch: Batch, engine: RolloutEngine, learner: Learner, settings) -> di
             sync = sync_adapter(engine, learner)
         if sync is not None:
             metrics.update({"sync/bytes": sync.bytes, "sync/push_seconds": sync.seconds})
+            if sync.verified is not None:
+                metrics["sync/verified"] = int(sync.verified)
     metrics["policy_version"] = learner.policy_version
     metrics.update({f"timing/{name}": seconds for name, seconds in timer.seconds.items()})
     if metrics.get("timing/rollout"):

@@ -29,13 +29,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file: this checkout first
+
+from scripts.bench_results import machine, write_result  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 PHASES = ("rollout", "verify", "advantages", "learn", "sync", "rollout_wait")
@@ -105,11 +107,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}: {m['speedup_vs_sync']:.2f}x the synchronous step rate")
     result = {"config": args.config, "overrides": overrides(args.steps),
               "steps": args.steps, "warmup": args.warmup, "modes": modes,
-              "machine": {"cpus": os.cpu_count(), "load_avg": os.getloadavg(), "python": platform.python_version()},
+              "machine": machine(),
               "command": "python scripts/bench_async.py " + " ".join(argv if argv is not None else sys.argv[1:])}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_result(args.out, result)
     return 0
 
 

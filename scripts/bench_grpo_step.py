@@ -62,6 +62,10 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Sequence
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file: this checkout first
+
+from scripts.bench_results import write_result  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 SIDES = ("ours", "trl")
@@ -399,9 +403,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               "sides": results, "versions": versions(),
               "machine": {"cpus": os.cpu_count(), "load_before": load_before,
                           "load_after": os.getloadavg()}}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_result(args.out, report)
     return 0
 
 

@@ -11,14 +11,15 @@ pathological inputs) and reports p50 / p99 / max latency and the verdict counts.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import random
 import statistics
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file: this checkout first
+
+from scripts.bench_results import machine, write_result  # noqa: E402
 
 COMPLETIONS = [
     "\\boxed{CORRECT}", "\\boxed{12}", "\\boxed{-1006}", "\\boxed{1,872}", "\\boxed{7.0}",
@@ -76,11 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     equivalent = bench_equivalent(args.rounds)
     print(f"equivalent:    p50 {equivalent['p50_ms']:.2f} ms  p99 {equivalent['p99_ms']:.1f} ms  "
           f"max {equivalent['max_ms']:.1f} ms over {equivalent['calls']} calls; verdicts {equivalent['verdicts']}")
-    result = {"binary_reward": binary, "equivalent": equivalent, "machine": {
-        "platform": platform.platform(), "python": sys.version.split()[0], "cpus": os.cpu_count()}}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_result(args.out, {"binary_reward": binary, "equivalent": equivalent, "machine": machine()})
     return 0
 
 

@@ -180,6 +180,12 @@ def run(config) -> dict:
     parts = (_on_ray if config.cluster.mode == "ray" else _in_process)(config, run)
     try:
         return _train_and_evaluate(config, run, parts, train_tasks, test_tasks)
+    except Exception as error:
+        if config.cluster.mode == "ray":
+            from cluster.build import raise_if_actor_lost
+
+            raise_if_actor_lost(error, run / "checkpoints")
+        raise
     finally:
         parts.close()
 
@@ -378,7 +384,13 @@ def main(argv: list[str] | None = None) -> int:
               f"(scripts/sft.py); this command's SFT stage is the format warm-start (sft.steps, sft.items, "
               f"sft.batch_size, sft.lr)", file=sys.stderr)
         return 2
-    run(config)
+    from rl.checkpoint import RunAborted
+
+    try:
+        run(config)
+    except RunAborted as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 3
     return 0
 
 

@@ -46,7 +46,7 @@ def ray_head():
     try:
         yield f"http://127.0.0.1:{ports['dashboard-port']}", env
     finally:
-        for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+        for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
             try:
                 os.killpg(head.pid, sig)
                 head.wait(timeout=wait)

@@ -397,3 +397,16 @@ def test_nccl_broadcast_between_two_gpus(ray_cluster):
     finally:
         ray.kill(learner)
         ray.kill(host)
+
+
+def test_adapter_digest_is_equal_exactly_for_bit_equal_adapters():
+    from cluster.weight_sync import adapter_digest
+
+    a = {"b.lora_B": torch.zeros(4, 2), "a.lora_A": torch.arange(8.0).reshape(2, 4)}
+    same = {name: t.clone() for name, t in reversed(a.items())}  # order does not matter
+    assert adapter_digest(a) == adapter_digest(same)
+    nudged = {**a, "a.lora_A": a["a.lora_A"].clone()}
+    nudged["a.lora_A"][1, 3] = torch.nextafter(nudged["a.lora_A"][1, 3], torch.tensor(100.0))
+    assert adapter_digest(nudged) != adapter_digest(a)
+    assert adapter_digest({**a, "b.lora_B": a["b.lora_B"].to(torch.bfloat16)}) != adapter_digest(a)
+    assert adapter_digest({**a, "b.lora_B": a["b.lora_B"].reshape(2, 4)}) != adapter_digest(a)
