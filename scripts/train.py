@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import json
 import sys
@@ -209,7 +210,10 @@ def _train_and_evaluate(config, run: Path, parts: Parts, train_tasks, test_tasks
     results = {"run_dir": str(run), "resumed_from_step": start_step}
     spent_s = 0.0
     if start_step == 0:
-        (run / "metrics.jsonl").unlink(missing_ok=True)
+        from rl.trackers import RUNS_FILE
+
+        for fresh in ("metrics.jsonl", RUNS_FILE):  # a new run logs anew (a resumed one goes on)
+            (run / fresh).unlink(missing_ok=True)
         if config.eval.at_start:
             results["before"] = _evaluate(engine, test_items, config, run, "before")
         if config.sft.steps:
@@ -225,7 +229,7 @@ def _train_and_evaluate(config, run: Path, parts: Parts, train_tasks, test_tasks
         filter_zero_variance=algo.filter_zero_variance, max_refill_rounds=algo.max_refill_rounds,
         seed=config.data.seed, time_budget_s=algo.max_train_seconds, stall_steps=config.logging.stall_steps,
         max_policy_lag=algo.async_off_policy_steps, shuffle=config.data.shuffle)
-    sink = sinks_for(config.logging.tracker, run)
+    sink = sinks_for(config.logging.tracker, run, config.logging.name, dataclasses.asdict(config))
     if config.cluster.mode == "ray":
         from cluster.metrics import RayMetricsSink
         from rl.metrics import FanOut
@@ -233,7 +237,8 @@ def _train_and_evaluate(config, run: Path, parts: Parts, train_tasks, test_tasks
         sink = FanOut(sink, RayMetricsSink(config.logging.name))
     start = time.perf_counter()
     last: dict = {}  # the last step, its data stream, and its checkpoint (None: not saved)
-    with GracefulStop() as stop:  # entered after ray.init, which installs a SIGTERM handler of its own
+    # GracefulStop is entered after ray.init, which installs a SIGTERM handler of its own.
+    with GracefulStop() as stop, contextlib.closing(sink):
         def on_step_end(step: int, metrics: dict, stream, extra=None, boundary=False) -> None:
             due = boundary or is_due(step, config.checkpoint.every_steps, 0 if extra else algo.steps)
             folder = _save(manager, run, learner, step, stream, extra) if due or stop.requested else None
