@@ -19,3 +19,8 @@ def test_a_file_name_may_not_leave_the_folder(tmp_path):
     with pytest.raises(ValueError, match="leaves"):
         write_files(tmp_path / "b", {"../escaped": b"x"})
     assert not (tmp_path / "escaped").exists()
+
+
+def test_an_atomic_write_is_readable_like_any_result_file(tmp_path):
+    write_atomic(tmp_path / "results.json", "{}")
+    assert (tmp_path / "results.json").stat().st_mode & 0o777 == 0o644
