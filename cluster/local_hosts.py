@@ -15,16 +15,20 @@ another's head). Each :class:`Host` here has:
 
 Needs root (``CAP_SYS_ADMIN`` and ``CAP_NET_ADMIN``), ``ip``, ``unshare`` and ``nsenter``;
 :func:`unavailable` says why not where they are missing. Names carry a random id, so two sets
-of hosts never collide, and :meth:`LocalHosts.close` removes everything, also after a failure.
+of hosts never collide, and :meth:`LocalHosts.close` removes everything, also after a failure;
+what a killed process could not remove, :func:`remove_leftovers` does.
 The pytest fixture is in ``tests/cluster/test_multi_host.py``; ``scripts/local_hosts.py`` gives
 people a shell on such a cluster.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
+import re
 import secrets
+import shlex
 import shutil
 import signal
 import subprocess
@@ -35,6 +39,7 @@ from pathlib import Path
 from typing import Sequence
 
 TOOLS = ("ip", "unshare", "nsenter", "mount")
+RAY = str(Path(sys.executable).parent / "ray")  # the CLI of this environment, installed on every "host"
 
 
 def unavailable() -> str | None:
@@ -51,6 +56,29 @@ def unavailable() -> str | None:
     if probe.returncode:
         return f"unshare cannot create namespaces: {probe.stderr.strip()}"
     return None
+
+
+def remove_leftovers(run_id: str | None = None) -> list[str]:
+    """Remove what runs killed before their teardown left behind: the host namespaces (their
+    processes killed) and links of run ``run_id`` (:attr:`LocalHosts.id`), or of *every* run
+    (so not while another set of hosts is in use). The names removed."""
+    run = re.escape(run_id) if run_id else "[0-9a-f]{6}"
+    removed = []
+    for line in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.splitlines():
+        name = line.split()[0] if line.split() else ""
+        if re.fullmatch(rf"aa{run}h\d+", name):
+            pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True).stdout.split()
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(pid), signal.SIGKILL)
+            subprocess.run(["ip", "netns", "del", name], capture_output=True)
+            removed.append(name)
+    for line in subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout.splitlines():
+        name = line.split(":")[1].strip().split("@")[0] if line.count(":") > 1 else ""
+        if re.fullmatch(rf"aa(b{run}|{run}v\d+)", name):
+            subprocess.run(["ip", "link", "del", name], capture_output=True)
+            removed.append(name)
+    return removed
 
 
 def _sh(*argv: str) -> str:
@@ -175,8 +203,8 @@ class LocalHosts:
         if host.process is not None and host.process.poll() is None:
             raise RuntimeError(f"host {index} is already running")
         Path("/tmp/ray").mkdir(exist_ok=True)
-        script = (f"mount --bind {host.folder / 'run'} {self.run_dir} && "
-                  f"mount --bind {host.folder / 'ray'} /tmp/ray && exec \"$@\"")
+        script = (f"mount --bind {shlex.quote(str(host.folder / 'run'))} {shlex.quote(str(self.run_dir))} && "
+                  f"mount --bind {shlex.quote(str(host.folder / 'ray'))} /tmp/ray && exec \"$@\"")
         log = open(host.folder / log_name, "ab")
         host.process = subprocess.Popen(
             ["ip", "netns", "exec", host.name, "unshare", "--pid", "--fork", "--mount-proc",
@@ -188,24 +216,20 @@ class LocalHosts:
     def start_ray(self, cpus: Sequence[float], timeout_s: float = 120) -> None:
         """A Ray head on host 0 (dashboard on its loopback, as by default) and a worker on
         every other host, ``cpus[i]`` logical CPUs each; waits until all nodes are alive."""
-        ray = str(Path(sys.executable).parent / "ray")
         head = self.hosts[0]
-        common = ["--block", "--disable-usage-stats"]
-        self.start(0, [ray, "start", "--head", f"--node-ip-address={head.ip}", "--port=6379",
+        self.start(0, [RAY, "start", "--head", f"--node-ip-address={head.ip}", "--port=6379",
                        f"--num-cpus={cpus[0]:g}", "--dashboard-host=127.0.0.1", "--include-dashboard=true",
-                       *common])
+                       "--block", "--disable-usage-stats"])
         self.wait_for_nodes(1, timeout_s)
         for i in range(1, len(self.hosts)):
-            self.start(i, [ray, "start", f"--address={head.ip}:6379", f"--node-ip-address={self.hosts[i].ip}",
-                           f"--num-cpus={cpus[i]:g}", *common])
+            self.start_worker(i, cpus[i])
         self.wait_for_nodes(len(self.hosts), timeout_s)
 
-    def restart_ray(self, index: int, cpus: float, timeout_s: float = 120) -> None:
-        """Start host ``index``'s worker node again (after :meth:`Host.kill`)."""
-        ray = str(Path(sys.executable).parent / "ray")
-        head = self.hosts[0]
-        self.start(index, [ray, "start", f"--address={head.ip}:6379", f"--node-ip-address={self.hosts[index].ip}",
-                           f"--num-cpus={cpus:g}", "--block", "--disable-usage-stats"])
+    def start_worker(self, index: int, cpus: float) -> None:
+        """Start host ``index``'s worker node (again, after :meth:`Host.kill`), joining the head."""
+        self.start(index, [RAY, "start", f"--address={self.hosts[0].ip}:6379",
+                           f"--node-ip-address={self.hosts[index].ip}", f"--num-cpus={cpus:g}",
+                           "--block", "--disable-usage-stats"])
 
     def alive_nodes(self) -> int:
         code = (f"import ray; ray.init(address='{self.hosts[0].ip}:6379', logging_level='ERROR'); "
@@ -230,8 +254,7 @@ class LocalHosts:
     # ------------------------------------------------------------------ jobs
     def ray_cli(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
         """``ray ARGS`` on the head (the dashboard listens on its loopback)."""
-        ray = str(Path(sys.executable).parent / "ray")
-        return self.hosts[0].run([ray, *args], timeout=timeout, env=self.env)
+        return self.hosts[0].run([RAY, *args], timeout=timeout, env=self.env)
 
     def submit(self, job_id: str, working_dir: Path, entrypoint: Sequence[str]) -> None:
         done = self.ray_cli("job", "submit", "--address=http://127.0.0.1:8265", f"--working-dir={working_dir}",

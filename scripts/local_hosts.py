@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cluster.local_hosts import LocalHosts, unavailable  # noqa: E402
+from cluster.local_hosts import LocalHosts, remove_leftovers, unavailable  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,12 +32,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpus", default=None, help="logical CPUs per host, comma-separated (default: 2 each)")
     parser.add_argument("--base", type=Path, default=Path("/tmp/api-adapter-hosts"),
                         help="folder for the hosts' disks and the run folder")
+    parser.add_argument("--remove-leftovers", action="store_true",
+                        help="remove the namespaces and links that killed runs left behind, and exit")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND to run on the head")
     args = parser.parse_args(argv)
     why = unavailable()
     if why:
         print(f"error: {why}", file=sys.stderr)
         return 2
+    if args.remove_leftovers:
+        print("removed: " + (", ".join(remove_leftovers()) or "nothing"))
+        return 0
     cpus = [float(c) for c in args.cpus.split(",")] if args.cpus else [2.0] * args.hosts
     if len(cpus) != args.hosts:
         print(f"error: --cpus has {len(cpus)} values for {args.hosts} hosts", file=sys.stderr)

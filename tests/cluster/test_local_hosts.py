@@ -2,6 +2,8 @@
 sets of hosts never collide; closing removes everything. Skipped where namespaces cannot be made."""
 
 import subprocess
+import time
+from pathlib import Path
 
 import pytest
 
@@ -34,3 +36,27 @@ def test_hosts_have_their_own_processes_disk_and_address(tmp_path):
         one.kill()
         assert two.run(["true"]).returncode == 0  # killing one host leaves the other running
     assert hosts.hosts[0].name not in _namespaces() and others.hosts[0].name not in _namespaces()
+
+
+def test_leftovers_of_a_killed_run_are_removed(tmp_path):
+    from cluster.local_hosts import remove_leftovers
+
+    hosts = LocalHosts(1, tmp_path)  # as if its process were killed: never closed
+    hosts.start(0, ["sleep", "600"])
+    first = hosts.hosts[0].init_pid()
+    assert {hosts.hosts[0].name, hosts.bridge} <= set(remove_leftovers(hosts.id))
+    assert hosts.hosts[0].name not in _namespaces()
+    hosts.hosts[0].process.wait(timeout=10)  # its processes are gone with it (at most a zombie)
+    for _ in range(50):
+        if _state(first) in ("Z", "X", "gone"):
+            break
+        time.sleep(0.1)
+    assert _state(first) in ("Z", "X", "gone")
+
+
+def _state(pid: int) -> str:
+    """A process's state letter (R, S, Z...), or "gone"."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return "gone"

@@ -100,7 +100,7 @@ def test_engine_host_dies_and_the_run_goes_on(hosts):
     assert "lost with their node; going on with 1" in logs
     rows = _rows(run)
     assert [r["step"] for r in rows] == list(range(4)) and all(r["sync/verified"] == 1 for r in rows)
-    hosts.restart_ray(victim, CPUS[victim])
+    hosts.start_worker(victim, CPUS[victim])
     hosts.wait_for_nodes(3, 120)
 
 
