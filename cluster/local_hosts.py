@@ -141,6 +141,27 @@ class Host:
         self.process.wait(timeout=60)
 
 
+@dataclass
+class Job:
+    """A job submitted on the head, followed by its ``ray job submit`` client."""
+
+    id: str
+    process: subprocess.Popen = field(repr=False)
+    log: Path
+
+    def wait(self, timeout_s: float = 900) -> str:
+        """SUCCEEDED, or FAILED (the job failed or was stopped: the client's exit status)."""
+        try:
+            code = self.process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            raise TimeoutError(f"job {self.id} did not end in {timeout_s:g} s") from None
+        return "SUCCEEDED" if code == 0 else "FAILED"
+
+    def logs(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
 class LocalHosts:
     """``count`` hosts on one link, under ``base`` (a folder per host and the run directory).
 
@@ -158,6 +179,9 @@ class LocalHosts:
         inherited = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
         self.env = {**inherited, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
                     "RAY_USAGE_STATS_ENABLED": "0", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+                    # a dead host is noticed in ~6 s, not Ray's default ~15-30 s (a live but
+                    # busy one still has the default timeout per check to answer)
+                    "RAY_health_check_period_ms": "2000", "RAY_health_check_failure_threshold": "3",
                     **(env or {})}
         self.bridge = f"aab{self.id}"
         self.net = _free_subnet()
@@ -252,33 +276,17 @@ class LocalHosts:
         return path.read_text(errors="replace") if path.exists() else ""
 
     # ------------------------------------------------------------------ jobs
-    def ray_cli(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-        """``ray ARGS`` on the head (the dashboard listens on its loopback)."""
-        return self.hosts[0].run([RAY, *args], timeout=timeout, env=self.env)
-
-    def submit(self, job_id: str, working_dir: Path, entrypoint: Sequence[str]) -> None:
-        done = self.ray_cli("job", "submit", "--address=http://127.0.0.1:8265", f"--working-dir={working_dir}",
-                            f"--submission-id={job_id}", "--no-wait", "--", *entrypoint)
-        if done.returncode:
-            raise RuntimeError(f"ray job submit failed: {done.stderr[-3000:]}")
-
-    def job_status(self, job_id: str) -> str:
-        out = self.ray_cli("job", "status", "--address=http://127.0.0.1:8265", job_id, timeout=60).stdout.lower()
-        for status in ("succeeded", "failed", "stopped"):
-            if f"' {status}" in out or f": {status}" in out:
-                return status.upper()
-        return "RUNNING"
-
-    def wait_job(self, job_id: str, timeout_s: float = 900) -> str:
-        deadline = time.time() + timeout_s
-        while (status := self.job_status(job_id)) == "RUNNING":
-            if time.time() > deadline:
-                raise TimeoutError(f"job {job_id} did not end in {timeout_s:g} s")
-            time.sleep(3)
-        return status
-
-    def job_logs(self, job_id: str) -> str:
-        return self.ray_cli("job", "logs", "--address=http://127.0.0.1:8265", job_id, timeout=60).stdout
+    def submit(self, job_id: str, working_dir: Path, entrypoint: Sequence[str]) -> Job:
+        """``ray job submit`` on the head, left running to follow the job to its end (no
+        polling: one client streams the job's log into ``<base>/<job_id>.log``)."""
+        log = self.base / f"{job_id}.log"
+        with log.open("wb") as out:
+            process = subprocess.Popen(
+                self.hosts[0].command([RAY, "job", "submit", "--address=http://127.0.0.1:8265",
+                                       f"--working-dir={working_dir}", f"--submission-id={job_id}", "--",
+                                       *entrypoint]),
+                stdout=out, stderr=subprocess.STDOUT, env=self.env)
+        return Job(job_id, process, log)
 
     # ------------------------------------------------------------------ teardown
     def stop_all(self) -> None:

@@ -46,11 +46,10 @@ def run_layout(name: str, cpus, config: str, steps: int, base: Path, cache: Path
         hosts.start_ray(cpus)
         sets = [*overrides(steps), "cluster.placement_strategy=SPREAD", f"upstream.cache_path={cache}",
                 f"logging.run_dir={hosts.run_dir / 'bench'}"]
-        job = f"bench-{name.replace(' ', '')}-{os.getpid()}"
-        hosts.submit(job, REPO, [sys.executable, "scripts/train.py", "--config", config,
-                                 *(a for s in sets for a in ("--set", s))])
-        status = hosts.wait_job(job, timeout_s=3600)
-        logs = hosts.job_logs(job)
+        job = hosts.submit(f"bench-{name.replace(' ', '')}-{os.getpid()}", REPO,
+                           [sys.executable, "scripts/train.py", "--config", config,
+                            *(a for s in sets for a in ("--set", s))])
+        status, logs = job.wait(timeout_s=3600), job.logs()
         if status != "SUCCEEDED":
             raise SystemExit(f"{name}: the job {status.lower()}:\n{logs[-3000:]}")
         lines = (hosts.hosts[0].run_folder / "bench" / "metrics.jsonl").read_text().splitlines()
