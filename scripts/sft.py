@@ -72,11 +72,10 @@ def _periodic(config, engine, items):
 def _rationale(config, run: Path, tokenizer, parts, test_items, sink, manager, start_step: int, position: int):
     """Steps ``start_step..sft.steps`` on the rationale rows, checkpointed; returns the history."""
     from rl.checkpoint import is_due
-    from rl.sft import CountBatches, TokenBudgetBatches, rationale_groups, read_rationale, run_sft
+    from rl.sft import rationale_groups, read_rationale, run_sft
     sft, seed = config.sft, config.data.seed
     groups = rationale_groups(read_rationale(sft.data_path), tokenizer)
-    batches = (TokenBudgetBatches(groups, sft.batch_tokens, seed, position) if sft.batch_tokens
-               else CountBatches(groups, sft.batch_size, seed, position))
+    batches = _batches(sft, groups, seed, position)
 
     def on_step_end(step: int, metrics: dict) -> None:
         if is_due(step, config.checkpoint.every_steps, sft.steps):
@@ -86,11 +85,20 @@ def _rationale(config, run: Path, tokenizer, parts, test_items, sink, manager, s
                    evaluate=_periodic(config, parts.engine, test_items), on_step_end=on_step_end)
 
 
+def _batches(sft, groups, seed: int, position: int = 0):
+    """Batches by token budget (``sft.batch_tokens``), else by count (``sft.batch_size``)."""
+    from rl.sft import CountBatches, TokenBudgetBatches
+
+    if sft.batch_tokens:
+        return TokenBudgetBatches(groups, sft.batch_tokens, seed, position)
+    return CountBatches(groups, sft.batch_size, seed, position)
+
+
 def _distill(config, parts, tokenizer, train_items, sink, first_step: int) -> list:
     """``sft.distill_rounds`` rounds of sample → filter → SFT (rl/distill.py); each round's stats."""
     from rl.distill import sample_targets
     from rl.loop import ItemStream
-    from rl.sft import TokenBudgetBatches, CountBatches, _group, run_sft
+    from rl.sft import run_sft, sft_groups
     from scripts.train import _sampling
 
     sft = config.sft
@@ -103,12 +111,11 @@ def _distill(config, parts, tokenizer, train_items, sink, first_step: int) -> li
         rounds.append(stats)
         if not kept:
             continue
-        groups = [_group(item.prompt.token_ids, text, tokenizer) for item, text in kept]
+        groups = sft_groups(kept, tokenizer)
         for group in groups:
             group.completions[0].append(tokenizer.eos_token_id)
-        batches = (TokenBudgetBatches(groups, sft.batch_tokens, config.data.seed) if sft.batch_tokens
-                   else CountBatches(groups, sft.batch_size, config.data.seed))
-        run_sft(parts.learner, batches, step + sft.distill_steps, sink.log, start_step=step)
+        run_sft(parts.learner, _batches(sft, groups, config.data.seed), step + sft.distill_steps, sink.log,
+                start_step=step)
         step += sft.distill_steps
         sync_adapter(parts.engine, parts.learner)
     return rounds
