@@ -50,7 +50,7 @@ from torch import Tensor
 
 from actors import learner_state
 from actors.lr_schedule import Schedule, lr_factor
-from actors.models import load_causal_lm
+from actors.models import load_causal_lm, resolve_dtype
 from actors.shared_prefix import RowBatch, Unit, completion_logits, pack_micro_batches
 from rl.grpo import (GRPOStats, aggregate, completion_mask, entropy_from_logits, grpo_loss,
                      token_logprobs)
@@ -150,7 +150,7 @@ class Learner:
             raise ValueError("micro_batch_tokens must be >= 1 and temperature > 0")
         lr_factor(0, warmup_steps, total_steps, lr_schedule)  # validates the schedule name
         self.device = torch.device(device)
-        self.dtype = self._resolve_dtype(precision, self.device)
+        self.dtype = resolve_dtype(precision, self.device)
         self.micro_batch_tokens = micro_batch_tokens
         self.loss_kwargs = dict(eps_low=clip_eps_low, eps_high=clip_eps_high, kl_coef=kl_coef,
                                 agg=loss_aggregation, constant_normaliser=constant_normaliser,
@@ -164,6 +164,7 @@ class Learner:
         self.skipped_total = 0
 
         torch.manual_seed(seed)
+        self.model_name = model_path
         module = self._build_model(model_path, lora_rank, lora_alpha, lora_dropout,
                                    tuple(target_modules), use_rslora, init_adapter,
                                    gradient_checkpointing)
@@ -193,13 +194,6 @@ class Learner:
             group["lr"] = base_lr * schedule(scheduler.last_epoch)
 
     # ---------------------------------------------------------------- construction
-    @staticmethod
-    def _resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
-        if precision == "auto":
-            bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-            return torch.bfloat16 if bf16 else torch.float32
-        return torch.bfloat16 if precision == "bfloat16" else torch.float32
-
     def _build_model(self, model_path, rank, alpha, dropout, targets, use_rslora, init_adapter,
                      gradient_checkpointing):
         from peft import LoraConfig, PeftModel, get_peft_model
@@ -398,9 +392,13 @@ class Learner:
         return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
 
     def save_adapter(self, path: str | Path) -> Path:
-        """Write adapter_config.json + adapter_model.safetensors (PEFT's format) into path."""
+        """Write adapter_config.json + adapter_model.safetensors (PEFT's format) into path, the
+        base model named portably (the embedded model's hub id, not this machine's cache path)."""
+        from actors.lora_tensors import set_portable_base
+
         path = Path(path)
         self.module.save_pretrained(path, safe_serialization=True)
+        set_portable_base(path, self.model_name)
         return path
 
     @torch.no_grad()

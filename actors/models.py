@@ -334,6 +334,15 @@ def resolve_model_path(name_or_path: str | os.PathLike[str]) -> Path:
 # Thin loaders
 
 
+def resolve_dtype(name: str, device: str | torch.device) -> torch.dtype:
+    """A dtype setting (``auto``, ``float32``, ``bfloat16``, ``float16``) on ``device``: ``auto``
+    is bfloat16 on a GPU that supports it, else float32."""
+    if name == "auto":
+        bf16 = torch.device(device).type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if bf16 else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
 def load_tokenizer(path: str | os.PathLike[str]) -> Any:
     """The tokenizer of a model (``"embedded"`` or a folder), with a pad token (eos when it has
     none). Padding side is left as saved (right for SmolLM2); set ``padding_side = "left"`` for

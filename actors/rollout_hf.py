@@ -35,16 +35,8 @@ tensors ``get_peft_model_state_dict`` returns, which share storage with the para
 at start-up); names and shapes are all validated before anything is copied, and a lock
 serialises updates with generate calls, so an update lands between generations, whole.
 
-The vLLM engine later
----------------------
-The same three members map onto vLLM as: ``generate`` -> ``LLM.generate`` with
-``TokensPrompt(prompt_token_ids=...)`` and ``SamplingParams(n=n, temperature, top_p, top_k,
-max_tokens, stop, include_stop_str_in_output=True, logprobs=0, seed)`` plus the current
-``LoRARequest``; prefix reuse is vLLM's own (the n samples of a request share the prompt's KV
-blocks; automatic prefix caching shares the few-shot header across prompts). ``update_adapter``
--> register the tensors as a new LoRA (``LoRARequest`` named by ``version``, from an adapter
-folder on local disk or from tensors in memory) and remove the previous one; the lock becomes
-"no request in flight". ``policy_version`` -> the version of the LoRA attached to requests.
+The vLLM engine (actors/rollout_vllm.py) keeps the same contract; tests/actors/test_engine_contract.py
+runs one suite over both.
 """
 
 from __future__ import annotations
@@ -52,12 +44,12 @@ from __future__ import annotations
 import os
 import threading
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 from torch import Tensor
 
+from actors.lora_tensors import check_lora_tensors, read_adapter
 from actors.models import load_causal_lm, load_tokenizer, resolve_model_path
 from rl.records import Completion, FinishReason, Prompt, SamplingParams, shared_head_len
 
@@ -87,7 +79,7 @@ class HFRolloutEngine:
 
     def __init__(
         self, model_path: str | os.PathLike[str], *, lora_rank: int, lora_alpha: float,
-        lora_dropout: float = 0.0, target_modules: Sequence[str] | str,
+        lora_dropout: float = 0.0, target_modules: Sequence[str] | str, use_rslora: bool = False,
         init_adapter: str | os.PathLike[str] | dict[str, Tensor] | None = None,
         device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
         max_batch_tokens: int = 32768, seed: int = 0, prefix_reuse: bool = True,
@@ -99,7 +91,7 @@ class HFRolloutEngine:
         self.tokenizer = load_tokenizer(path)
         base = load_causal_lm(path, dtype=dtype, device=self.device)
         lora = LoraConfig(
-            r=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+            r=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_rslora=use_rslora,
             target_modules=target_modules if isinstance(target_modules, str) else list(target_modules),
             task_type="CAUSAL_LM",
         )
@@ -116,7 +108,7 @@ class HFRolloutEngine:
         self._lock = threading.Lock()
         self._version = 0
         if init_adapter is not None:
-            self._load(_read_adapter(init_adapter))
+            self._load(read_adapter(init_adapter))
 
     # ------------------------------------------------------------------ the RolloutEngine API
     @property
@@ -256,15 +248,7 @@ class HFRolloutEngine:
         return any(s in tail for s in stops)
 
     def _load(self, tensors: dict[str, Tensor]) -> None:
-        missing = sorted(set(self._slots) - set(tensors))
-        unexpected = sorted(set(tensors) - set(self._slots))
-        if missing or unexpected:
-            raise KeyError(f"LoRA tensors do not match the adapter: missing {missing[:4]} "
-                           f"({len(missing)}), unexpected {unexpected[:4]} ({len(unexpected)})")
-        bad = [k for k, v in tensors.items() if tuple(v.shape) != tuple(self._slots[k].shape)]
-        if bad:
-            raise ValueError(f"shape mismatch for {bad[:4]}: e.g. {tuple(tensors[bad[0]].shape)} "
-                             f"!= {tuple(self._slots[bad[0]].shape)}")
+        check_lora_tensors({k: tuple(v.shape) for k, v in self._slots.items()}, tensors)
         with torch.no_grad():
             for k, v in tensors.items():
                 self._slots[k].copy_(v)
@@ -340,10 +324,3 @@ def _check_slots_alias_parameters(slots: dict[str, Tensor], model: Any) -> None:
         raise RuntimeError("peft.get_peft_model_state_dict no longer returns views of the LoRA "
                            "parameters (a PEFT change?): update_adapter cannot copy in place")
 
-
-def _read_adapter(adapter: str | os.PathLike[str] | dict[str, Tensor]) -> dict[str, Tensor]:
-    if isinstance(adapter, dict):
-        return adapter
-    from safetensors.torch import load_file
-
-    return load_file(str(Path(adapter) / "adapter_model.safetensors"))

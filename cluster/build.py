@@ -1,6 +1,6 @@
 """Building a run from its config: flat arguments for each role, and the Ray wiring.
 
-``engine_kwargs`` / ``learner_kwargs`` / ``provider_kwargs`` turn the config tree into the
+``engine_spec`` / ``learner_kwargs`` / ``provider_kwargs`` turn the config tree into the
 flat arguments of the plain classes (the classes never see the config). ``build_ray`` plans
 placement against the cluster (an impossible request fails here, before any actor starts),
 creates the placement group and the actor groups, and returns the loop's three interfaces.
@@ -28,8 +28,24 @@ def _lora(config) -> dict:
                 target_modules=tuple(lora.target_modules), init_adapter=lora.init_from)
 
 
-def engine_kwargs(config, device: str = "cpu") -> dict:
-    return dict(model_path=config.model.name_or_path, **_lora(config), seed=config.rollout.seed, device=device)
+def engine_spec(config, device: str = "cpu", gpu_memory_utilization: float | None = None) -> tuple[str, dict]:
+    """``(rollout.engine, its arguments)`` for :func:`actors.engines.build_engine`. A vLLM
+    engine serves up to the longest prompt plus the longest completion any phase asks for, and
+    reports the log-probs the run's sampling settings need."""
+    from actors.models import resolve_dtype
+
+    r = config.rollout
+    kwargs = dict(model_path=config.model.name_or_path, **_lora(config), use_rslora=config.lora.use_rslora,
+                  seed=r.seed, device=device, dtype=resolve_dtype(config.model.dtype, device))
+    if r.engine == "vllm":
+        from rl.interfaces import vllm_logprobs_mode
+
+        longest = max([r.max_new_tokens, config.eval.max_new_tokens] +
+                      [s.max_new_tokens for s in config.curriculum if s.max_new_tokens is not None])
+        kwargs.update(max_model_len=r.max_prompt_tokens + longest, kv_cache_gib=r.vllm_kv_cache_gib,
+                      gpu_memory_utilization=gpu_memory_utilization, adapter_mode=r.vllm_adapter_mode,
+                      logprobs_mode=vllm_logprobs_mode(r.temperature, r.top_k, r.top_p))
+    return r.engine, kwargs
 
 
 def learner_kwargs(config, device: str = "cpu") -> dict:
@@ -108,10 +124,12 @@ def build_ray(config, run: Path) -> RayRun:
                     learner_kwargs(config, device_for(cl.learner_gpus)), cl.cpus_per_learner, rank, cl.num_learners,
                     cl.socket_interface)
                 for rank in range(cl.num_learners)]
+    # Every engine has the same share of a card, so the same memory fraction as engine 0.
+    memory = the_plan.gpu_memory_utilization(0, config.rollout.gpu_memory_utilization)
+    kind, kwargs = engine_spec(config, device_for(cl.rollout_gpus_per_engine), memory)
     engines = groups.make_group(EngineHost, config.rollout.num_engines,
                                 lambda i: groups.engine_options(the_plan, pg, i),
-                                engine_kwargs(config, device_for(cl.rollout_gpus_per_engine)), cl.cpus_per_engine,
-                                cl.socket_interface)
+                                kind, kwargs, cl.cpus_per_engine, cl.socket_interface)
     verifiers = groups.make_group(VerifierHost, cl.num_verifiers, lambda i: groups.verifier_options(the_plan, pg, i),
                                   "binary")
     # The cache's one owner lives where the driver runs, so the cache file is on the driver's disk.

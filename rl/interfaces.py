@@ -55,6 +55,21 @@ class Learner(Protocol):
     def export_adapter(self) -> dict[str, Any]: ...
 
 
+def vllm_logprobs_mode(temperature: float, top_k: int = 0, top_p: float = 1.0) -> str:
+    """The vLLM ``logprobs_mode`` whose numbers are this contract's for these sampling settings:
+    ``processed_logprobs`` is ``log_softmax(logits / T)`` (plain ``log_softmax`` when greedy) but
+    taken after top-k / top-p and renormalised, so with a filter only T = 1's ``raw_logprobs``
+    is exact. Raises ValueError for a filter at any other temperature."""
+    filtered = top_k > 0 or top_p < 1.0
+    if not filtered or temperature == 0:
+        return "processed_logprobs"
+    if temperature == 1.0:
+        return "raw_logprobs"
+    raise ValueError(f"vLLM cannot report log_softmax(logits / T) with top-k/top-p at temperature "
+                     f"{temperature:g} (its log-probs are after the filter); use temperature 1, or "
+                     "top_k 0 and top_p 1, or the hf engine")
+
+
 def sync_adapter(engine: RolloutEngine, learner: Learner):
     """Give the engine the learner's current adapter: the one way every caller does it. An
     engine with its own transport from the learner (``sync_from``, the Ray engine group) gets

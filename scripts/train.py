@@ -122,13 +122,14 @@ class Parts:
 
 
 def _in_process(config, run: Path) -> Parts:
+    from actors.engines import build_engine
     from actors.learner import Learner
-    from actors.rollout_hf import HFRolloutEngine
-    from cluster.build import device_for, engine_kwargs, learner_kwargs
+    from cluster.build import device_for, engine_spec, learner_kwargs
     from verifiers.rewards import get_reward
 
     learner = Learner(**learner_kwargs(config, device_for(config.cluster.learner_gpus)))
-    engine = HFRolloutEngine(**engine_kwargs(config, device_for(config.cluster.rollout_gpus_per_engine)))
+    engine = build_engine(*engine_spec(config, device_for(config.cluster.rollout_gpus_per_engine),
+                                       config.rollout.gpu_memory_utilization))
     sync_adapter(engine, learner)  # one starting point
     reward = get_reward("binary")
     return Parts(engine, learner, lambda pairs: [reward(t, e) for t, e in pairs],
@@ -173,6 +174,10 @@ def run(config) -> dict:
 
     from rl.config import dump_config, run_dir
 
+    if config.rollout.engine == "vllm":  # before any work: no upstream call, no model load
+        from actors.rollout_vllm import require_vllm
+
+        require_vllm()
     torch.manual_seed(config.learner.seed)
     run = run_dir(config)
     run.mkdir(parents=True, exist_ok=True)
@@ -389,6 +394,7 @@ def main(argv: list[str] | None = None) -> int:
               f"(scripts/sft.py); this command's SFT stage is the format warm-start (sft.steps, sft.items, "
               f"sft.batch_size, sft.lr)", file=sys.stderr)
         return 2
+    from actors.rollout_vllm import VLLMUnavailable
     from rl.checkpoint import RunAborted
 
     try:
@@ -396,6 +402,9 @@ def main(argv: list[str] | None = None) -> int:
     except RunAborted as error:
         print(f"error: {error}", file=sys.stderr)
         return 3
+    except VLLMUnavailable as error:
+        print(f"error: rollout.engine vllm: {error}", file=sys.stderr)
+        return 2
     return 0
 
 

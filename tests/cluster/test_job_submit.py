@@ -4,6 +4,7 @@ A real local Ray cluster (its own temp dir and ports), the real job server, the 
 on CPU; the job's run folder must hold the metrics, a PEFT checkpoint and the results.
 """
 
+import importlib.util
 import json
 import os
 import secrets
@@ -133,3 +134,33 @@ def test_job_trains_and_a_sigkilled_driver_resumes_exactly(ray_head, tmp_path):
     a, b = _adapter(whole, 4), _adapter(broken, 4)
     assert a.keys() == b.keys()
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM not installed")
+def test_job_with_two_vllm_engines_trains_syncs_and_resumes(ray_head, tmp_path):
+    """``rollout.engine: vllm`` as a submitted job: the learner and two vLLM engine actors with
+    half a CPU each; every push is checked on both engines (``cluster.verify_sync``: each
+    engine's adapter equals the learner's, version included). Then the run resumes from its
+    step-2 checkpoint for a third step."""
+    address, env = ray_head
+    run = tmp_path / "vllm"
+    common = ["rollout.engine=vllm", "rollout.num_engines=2", "cluster.cpus_per_engine=0.5",
+              "cluster.verify_sync=true", "checkpoint.every_steps=1", "eval.at_start=false",
+              "eval.n_items=2", "data.n_per_type=10", f"logging.run_dir={run}"]
+    job = _submit(address, env, tmp_path / "first.log", f"vllm-{os.getpid()}", *common)
+    assert _wait(job) == "SUCCEEDED", (tmp_path / "first.log").read_text(errors="replace")[-4000:]
+    placement = json.loads((run / "placement.json").read_text())
+    assert {name for name in placement if name.startswith("rollout")} == {"rollout:0", "rollout:1"}
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1] and all(r["sync/verified"] == 1 for r in rows)
+    adapter = _adapter(run, 2)
+    assert any(v.abs().max() > 0 for k, v in adapter.items() if "lora_B" in k)  # the LoRA moved
+
+    job = _submit(address, env, tmp_path / "resumed.log", f"vllm-resumed-{os.getpid()}", *common,
+                  "algorithm.steps=3", "checkpoint.resume=true")
+    assert _wait(job) == "SUCCEEDED", (tmp_path / "resumed.log").read_text(errors="replace")[-4000:]
+    results = json.loads((run / "results.json").read_text())
+    assert results["resumed_from_step"] == 2 and results["steps"] == 3
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 2 and rows[-1]["sync/verified"] == 1

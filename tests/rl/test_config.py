@@ -191,8 +191,12 @@ def test_parse_override(override, key, value):
 
 
 @pytest.mark.parametrize("overrides, key", [
-    (["rollout.engine=vllm"], "rollout.engine"),
+    (["rollout.engine=vllm", "rollout.gpu_memory_utilization=0.5"], "rollout.gpu_memory_utilization"),
     (["rollout.gpu_memory_utilization=0.5"], "rollout.gpu_memory_utilization"),
+    (["rollout.vllm_adapter_mode=merged"], "rollout.vllm_adapter_mode"),
+    (["rollout.vllm_kv_cache_gib=2"], "rollout.vllm_kv_cache_gib"),
+    (["rollout.engine=vllm", "rollout.top_k=50", "rollout.temperature=0.7"], "rollout.temperature"),
+    (["rollout.engine=vllm", "rollout.top_k=50", "eval.temperature=0.5"], "eval.temperature"),
     (["learner.micro_batch_tokens=100"], "learner.micro_batch_tokens"),
     (["learner.optimizer=adamw_8bit"], "learner.optimizer"),
     (["algorithm.num_minibatches=3"], "algorithm.num_minibatches"),
@@ -256,8 +260,22 @@ def test_validate_config_made_in_code():
     bad = dataclasses.replace(c, rollout=dataclasses.replace(c.rollout, group_size=1))
     with pytest.raises(ConfigError, match="rollout.group_size = 1: out of range"):
         validate(bad)
-    with pytest.raises(ConfigError, match="rollout.engine"):
-        validate(dataclasses.replace(c, rollout=dataclasses.replace(c.rollout, engine="vllm")))
+    with pytest.raises(ConfigError, match="rollout.vllm_adapter_mode"):
+        validate(dataclasses.replace(c, rollout=dataclasses.replace(c.rollout, vllm_adapter_mode="merged")))
+
+
+def test_vllm_stage_temperature_must_keep_exact_logprobs(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("rollout:\n  engine: vllm\n  top_p: 0.9\ncurriculum:\n  - name: a\n    steps: 1\n"
+                    "    temperature: 1.2\n")
+    assert [i.key for i in error(path, []).issues] == ["curriculum[0].temperature"]
+
+
+def test_vllm_runs_on_cpu_with_exact_logprob_settings():
+    """vLLM is a CPU engine too; top-k/top-p at T 1 (the seed's) and T != 1 without them are fine."""
+    for sets in (["rollout.engine=vllm"], ["rollout.engine=vllm", "rollout.top_k=50"],
+                 ["rollout.engine=vllm", "rollout.temperature=0.7", "rollout.vllm_adapter_mode=merged"]):
+        assert load_config(None, sets).rollout.engine == "vllm"
 
 
 def test_sections_are_frozen():

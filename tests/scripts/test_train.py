@@ -1,6 +1,7 @@
 """The training entry end to end on the real parts: the embedded model as upstream and as
 the adapter's base, the HF engine, the DeepSpeed + PEFT learner, the answer cache."""
 
+import importlib.util
 import json
 
 import pytest
@@ -74,3 +75,33 @@ def test_format_warm_start_teaches_the_rewrite_format_on_the_embedded_model(tmp_
     assert boxed("after_sft")["none"]["n"] <= 2  # the format is learned
     assert (run / "sft" / "adapter" / "adapter_model.safetensors").exists()
     assert results["steps"] == 1 and json.loads((run / "metrics.jsonl").read_text())["policy_version"] >= 6
+
+
+def test_vllm_engine_without_vllm_stops_before_any_work(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else find_spec(name, *a))
+    run = tmp_path / "run"
+    argv = ["--config", "configs/smoke.yaml", "--set", "rollout.engine=vllm", "--set", f"logging.run_dir={run}"]
+    assert train.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "rollout.engine vllm" in err and "scripts/install.sh" in err and ".[gpu]" in err
+    assert not run.exists()  # no upstream answer, no model load, no run folder
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM not installed")
+def test_async_grpo_on_the_vllm_engine_in_process(tmp_path):
+    """The asynchronous mode on vLLM: the batch of step 1 is sampled by the version-0 policy
+    while the learner takes step 0, and the learner's importance weights use vLLM's log-probs."""
+    run = tmp_path / "run"
+    argv = ["--config", "configs/smoke.yaml", "--set", f"logging.run_dir={run}", "--set", "cluster.mode=in_process",
+            "--set", "rollout.engine=vllm", "--set", "algorithm.async_off_policy_steps=1",
+            "--set", "eval.at_start=false", "--set", "eval.n_items=2", "--set", "data.n_per_type=10"]
+    assert train.main(argv) == 0
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [0, 1] and metrics[1]["async/policy_lag"] == 1
+    assert all(m["learn/skipped"] == 0 for m in metrics)
+    config = json.loads((run / "checkpoints" / "step_000002" / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"  # portable

@@ -1,0 +1,61 @@
+"""Merged-mode weight updates for :class:`actors.rollout_vllm.VLLMRolloutEngine`: the one place
+that reaches past vLLM's public API.
+
+``LLM.collective_rpc`` (public) runs a function on the engine's worker; what that function
+touches, ``worker.model_runner.model.load_weights``, is vLLM's internal model interface (the one
+vLLM's own RLHF examples and verl use). It takes Hugging Face parameter names and packs q/k/v and
+gate/up itself. When it moves, the first merged update fails naming the vLLM version, and so does
+the merged engine's contract suite (tests/actors/test_engine_contract.py).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+PREFIX, A, B = "base_model.model.", ".lora_A.weight", ".lora_B.weight"
+
+
+def load_weights_on_worker(worker: Any, weights: list[tuple[str, Tensor]]) -> int:
+    """Run on vLLM's worker by ``collective_rpc``: copy ``weights`` into its model; the count."""
+    try:
+        load = worker.model_runner.model.load_weights
+    except AttributeError as error:
+        import vllm
+
+        raise RuntimeError(f"vLLM {vllm.__version__}: worker.model_runner.model.load_weights is gone "
+                           f"({error}); the merged adapter mode (actors/vllm_weights.py) needs updating "
+                           "for this vLLM, or use rollout.vllm_adapter_mode lora") from error
+    load(weights=weights)
+    return len(weights)
+
+
+class MergedWeights:
+    """The target modules' base weights (kept on CPU) and the merge ``W + scale * B @ A``."""
+
+    def __init__(self, llm: Any, model_folder: str | os.PathLike[str], config: dict, dtype: torch.dtype):
+        from safetensors import safe_open
+
+        self.llm, self.dtype = llm, dtype
+        rank = config["r"]
+        self.scale = config["lora_alpha"] / (rank ** 0.5 if config["use_rslora"] else rank)
+        self.base: dict[str, Tensor] = {}
+        for file in sorted(Path(model_folder).glob("*.safetensors")):
+            with safe_open(str(file), framework="pt") as f:
+                self.base.update({k: f.get_tensor(k).float() for k in f.keys() if k.endswith("proj.weight")})
+
+    def load(self, tensors: dict[str, Tensor]) -> None:
+        """Merge one full set of LoRA tensors into the served weights; reset the prefix cache
+        (its blocks were computed with the old weights)."""
+        weights = []
+        for name in sorted(k for k in tensors if k.endswith(A)):
+            module = name[len(PREFIX):-len(A)]
+            lora_a, lora_b = tensors[name].float(), tensors[PREFIX + module + B].float()
+            merged = self.base[module + ".weight"] + self.scale * (lora_b @ lora_a)
+            weights.append((module + ".weight", merged.to(self.dtype)))
+        self.llm.collective_rpc(load_weights_on_worker, args=(weights,))
+        self.llm.reset_prefix_cache()
