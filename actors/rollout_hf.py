@@ -51,6 +51,7 @@ from torch import Tensor
 
 from actors.lora_tensors import check_lora_tensors, read_adapter
 from actors.models import load_causal_lm, load_tokenizer, resolve_model_path
+from actors.shared_prefix import left_pad
 from rl.records import Completion, FinishReason, Prompt, SamplingParams, shared_head_len
 
 
@@ -232,7 +233,7 @@ class HFRolloutEngine:
                               use_cache=True, logits_to_keep=1).past_key_values
             head.batch_select_indices(torch.zeros(len(prompts), dtype=torch.long, device=dev))
             prompts = [p[shared:] for p in prompts]
-        ids, mask = _left_pad(prompts, self.pad_id, dev)
+        ids, mask = left_pad(prompts, self.pad_id, dev)
         if head is not None:
             mask = torch.cat([mask.new_ones(len(prompts), shared), mask], dim=-1)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -295,16 +296,6 @@ def filter_top_k_top_p(logp: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tens
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logp = logp.masked_fill(drop, float("-inf"))
     return logp
-
-
-def _left_pad(seqs: list[list[int]], pad_id: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
-        mask[i, width - len(s):] = 1
-    return ids.to(device), mask.to(device)
 
 
 def _eos_ids(tokenizer: Any, model: Any) -> frozenset[int]:

@@ -5,19 +5,26 @@ token, the logits that predict it: the prompt's last position predicts the first
 token, completion position t predicts token t + 1. The completions' last tokens predict
 nothing we score, so they are never fed in.
 
-Shared prefix (:func:`shared_prefix_logits`). The prompts of a micro-batch (N rows, right-padded)
-run once with ``use_cache=True``; each layer's keys and values are then given to the B
-completion rows -- ``expand`` (a view) when there is one prompt, ``index_select`` when several
--- so the backward pass sums the G continuations' gradients into the one prompt computation.
-The continuations (right-padded, a 2D attention mask over prompt + continuation that hides the
-prompt's padding, explicit position ids ``P_n + t``) run on that cache. Every call builds a
-fresh cache for the continuations: the forward appends to it, and the prompt's own cache (whose
-tensors keep their graph) must stay as it was. Equal to the plain pass up to float rounding
-(tests/actors/test_shared_prefix.py); a G=8, prompt 165, completion 5 forward + backward of
-SmolLM2-135M is ~5x cheaper on CPU.
+Shared prefix (:func:`shared_prefix_logits`). The prompts of a micro-batch (N rows, left-padded
+so that every prompt ends in the last column and ``logits_to_keep=1`` gives the logits of its
+first completion token) run once with ``use_cache=True``; each layer's keys and values are then
+given to the B completion rows -- ``expand`` (a view) when there is one prompt, ``index_select``
+when several -- so the backward pass sums the G continuations' gradients into the one prompt
+computation. The continuations (right-padded, a 2D attention mask over prompt + continuation
+that hides the prompt's padding, explicit position ids ``P_n + t``) run on that cache. Every
+call builds a fresh cache for the continuations: the forward appends to it, and the prompt's
+own cache (whose tensors keep their graph) must stay as it was. Equal to the plain pass up to
+float rounding (tests/actors/test_shared_prefix.py); a G=8, prompt 165, completion 5 forward +
+backward of SmolLM2-135M is ~5x cheaper on CPU.
 
-Plain (:func:`plain_logits`): B rows of prompt + completion, right-padded, with the needed
-positions picked per row before the LM head (``logits_to_keep`` as a [B, T] index tensor).
+Plain (:func:`plain_logits`): B rows of prompt (left-padded) + completion (right-padded), so the
+positions that predict completion tokens are the last Cmax columns of every row and an int
+``logits_to_keep`` sends only those through the LM head.
+
+Both paths left-pad the prompts (as TRL's GRPO trainer does) rather than pick positions per row
+with a [B, T] ``logits_to_keep`` index tensor: transformers 5.19 and 5.20 do not accept one, and
+an int keeps the model's own forward (LM head, any logit scaling) and PEFT's in charge. Position
+ids count real tokens only, so the padding changes no logit.
 
 Packing (:func:`pack_micro_batches`): a group is the unit of a micro-batch, since its prompt
 pass serves all its completions; units are added in order while the micro-batch's tokens fed to
@@ -90,6 +97,31 @@ def _length_mask(lengths: Tensor, width: int) -> Tensor:
     return (torch.arange(width, device=lengths.device)[None, :] < lengths[:, None]).long()
 
 
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device: Any) -> tuple[Tensor, Tensor]:
+    """ids [N, W] left-padded with pad_id, and their attention mask [N, W]."""
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+        mask[i, width - len(r):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _continuations(batch: RowBatch, pad_id: int, device: Any) -> tuple[Tensor, Tensor]:
+    """Every completion without its last token, right-padded: ids and mask [B, Cmax - 1]."""
+    width = batch.max_completion - 1
+    lengths = torch.tensor([len(c) - 1 for c in batch.completions], device=device)
+    return (_right_pad([c[:-1] for c in batch.completions], pad_id, device, width=width),
+            _length_mask(lengths, width))
+
+
+def _positions(mask: Tensor) -> Tensor:
+    """Position ids counting a row's real tokens from 0, as ``generate`` makes them; padding
+    gets a neighbour's position (its output is never read)."""
+    return (mask.cumsum(1) - 1).clamp(min=0)
+
+
 def expand_cache(cache: DynamicCache, rows: Tensor | int) -> DynamicCache:
     """A new cache whose layer k/v are the prompt cache's, given to each completion row.
 
@@ -124,13 +156,9 @@ def shared_prefix_logits(model: Any, batch: RowBatch, pad_id: int) -> Tensor:
     ``position_ids``, ``past_key_values``, ``use_cache`` and ``logits_to_keep``.
     """
     device = model.device if hasattr(model, "device") else next(model.parameters()).device
-    prompt_len = torch.tensor([len(p) for p in batch.prompts], device=device)
-    prompt_ids = _right_pad(batch.prompts, pad_id, device)
-    p_max = prompt_ids.shape[1]
-    prompt_mask = _length_mask(prompt_len, p_max)
+    prompt_ids, prompt_mask = left_pad(batch.prompts, pad_id, device)
     out = model(input_ids=prompt_ids, attention_mask=prompt_mask,
-                position_ids=torch.arange(p_max, device=device).expand(len(batch.prompts), -1),
-                use_cache=True, logits_to_keep=(prompt_len - 1)[:, None])
+                position_ids=_positions(prompt_mask), use_cache=True, logits_to_keep=1)
     rows = torch.tensor(batch.row_prompt, device=device)
     one_prompt = len(batch.prompts) == 1
     first = (out.logits.expand(len(rows), -1, -1) if one_prompt
@@ -138,11 +166,10 @@ def shared_prefix_logits(model: Any, batch: RowBatch, pad_id: int) -> Tensor:
     c_max = batch.max_completion
     if c_max == 1:
         return first
-    # Continuations: every completion without its last token, right-padded.
-    cont = _right_pad([c[:-1] for c in batch.completions], pad_id, device, width=c_max - 1)
-    cont_len = torch.tensor([len(c) - 1 for c in batch.completions], device=device)
-    mask = torch.cat([prompt_mask.index_select(0, rows), _length_mask(cont_len, c_max - 1)], 1)
-    positions = prompt_len.index_select(0, rows)[:, None] + torch.arange(c_max - 1, device=device)
+    cont, cont_mask = _continuations(batch, pad_id, device)
+    mask = torch.cat([prompt_mask.index_select(0, rows), cont_mask], 1)
+    prompt_len = prompt_mask.sum(1).index_select(0, rows)
+    positions = prompt_len[:, None] + torch.arange(c_max - 1, device=device)
     cache = expand_cache(out.past_key_values, len(rows) if one_prompt else rows)
     rest = model(input_ids=cont, attention_mask=mask, position_ids=positions,
                  past_key_values=cache, use_cache=True).logits  # [B, Cmax - 1, V]
@@ -152,17 +179,15 @@ def shared_prefix_logits(model: Any, batch: RowBatch, pad_id: int) -> Tensor:
 def plain_logits(model: Any, batch: RowBatch, pad_id: int) -> Tensor:
     """Logits [B, Cmax, V] predicting each completion token: one row per prompt + completion."""
     device = model.device if hasattr(model, "device") else next(model.parameters()).device
-    seqs = [batch.prompts[p] + c[:-1] for p, c in zip(batch.row_prompt, batch.completions)]
-    ids = _right_pad(seqs, pad_id, device)
-    lengths = torch.tensor([len(s) for s in seqs], device=device)
-    width = ids.shape[1]
-    prompt_len = torch.tensor([len(batch.prompts[p]) for p in batch.row_prompt], device=device)
-    # Position P - 1 + t predicts completion token t; positions past a row's end are padding.
-    keep = (prompt_len[:, None] - 1 + torch.arange(batch.max_completion, device=device)).clamp(
-        max=width - 1)
-    out = model(input_ids=ids, attention_mask=_length_mask(lengths, width),
-                position_ids=torch.arange(width, device=device).expand(len(seqs), -1),
-                use_cache=False, logits_to_keep=keep)
+    prompt_ids, prompt_mask = left_pad([batch.prompts[p] for p in batch.row_prompt], pad_id,
+                                        device)
+    cont, cont_mask = _continuations(batch, pad_id, device)
+    mask = torch.cat([prompt_mask, cont_mask], 1)
+    # The last Cmax columns: the prompt's last token, then the completion's (padding past a
+    # shorter completion's end, never read).
+    out = model(input_ids=torch.cat([prompt_ids, cont], 1), attention_mask=mask,
+                position_ids=_positions(mask), use_cache=False,
+                logits_to_keep=batch.max_completion)
     return out.logits
 
 

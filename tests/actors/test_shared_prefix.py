@@ -2,7 +2,9 @@
 
 A tiny random Llama with a LoRA adapter whose B matrices are random (so the adapter matters and
 every LoRA tensor gets a gradient). The reference is the most literal computation possible: each
-prompt + completion run alone, the completion's logits sliced out by hand.
+prompt + completion run alone, the completion's logits sliced out by hand. Both attention
+implementations run: the left-padded prompts give padding rows that attend to nothing, which
+eager and SDPA treat differently (neither may leak into the logits or gradients).
 """
 
 from __future__ import annotations
@@ -21,11 +23,11 @@ from rl.grpo import token_logprobs
 PAD = 0
 
 
-def tiny_lora_model(seed: int = 0):
+def tiny_lora_model(seed: int = 0, attn: str = "sdpa"):
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         pad_token_id=PAD, tie_word_embeddings=True)
+                         pad_token_id=PAD, tie_word_embeddings=True, attn_implementation=attn)
     model = LlamaForCausalLM(config)
     lora = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
                       target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
@@ -76,10 +78,11 @@ BATCHES = {
 }
 
 
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("name", sorted(BATCHES))
 @pytest.mark.parametrize("shared", [True, False], ids=["shared", "plain_batched"])
-def test_logprobs_and_grads_match_per_sequence(name, shared):
-    model = tiny_lora_model()
+def test_logprobs_and_grads_match_per_sequence(name, shared, attn):
+    model = tiny_lora_model(attn=attn)
     batch = BATCHES[name]
     ref = reference_logprobs(model, batch)
     got = batched_logprobs(model, batch, shared)
@@ -103,6 +106,20 @@ def test_shared_and_plain_agree_under_no_grad_and_adapter_disabled():
     mask = torch.arange(tokens.shape[1])[None] < lengths[:, None]
     torch.testing.assert_close(token_logprobs(a, tokens)[mask], token_logprobs(b, tokens)[mask],
                                atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shared, expected", [(True, [(2, 1), (5, 3)]), (False, [(5, 4)])],
+                         ids=["shared", "plain_batched"])
+def test_only_the_scored_positions_reach_the_lm_head(shared, expected):
+    model = tiny_lora_model()
+    seen = []
+    hook = model.get_output_embeddings().register_forward_hook(
+        lambda module, args, out: seen.append(tuple(args[0].shape[:2])))
+    try:
+        completion_logits(model, BATCHES["two_groups"], PAD, shared_prefix=shared)
+    finally:
+        hook.remove()
+    assert seen == expected  # [rows, positions]: prompts' last tokens, then the continuations
 
 
 def test_expand_cache_is_a_view_and_leaves_the_prompt_cache_alone():
