@@ -30,7 +30,7 @@ def load_weights_on_worker(worker: Any, weights: list[tuple[str, Tensor]]) -> in
         raise RuntimeError(f"vLLM {vllm.__version__}: worker.model_runner.model.load_weights is gone "
                            f"({error}); the merged adapter mode (actors/vllm_weights.py) needs updating "
                            "for this vLLM, or use rollout.vllm_adapter_mode lora") from error
-    load(weights=weights)
+    worker.reload_weights(weights_iterator=weights, is_checkpoint_format=True)  # CPU repacks: load_weights alone fails
     return len(weights)
 
 

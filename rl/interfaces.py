@@ -3,8 +3,9 @@
 Rollout engines
 
 Two implementations: :class:`actors.rollout_hf.HFRolloutEngine` (transformers + PEFT, CPU or
-GPU, our own decode loop) and a vLLM engine (GPU). Both are plain classes; ``ray.remote`` is
-applied where the engine group is built.
+GPU, our own decode loop) and :class:`actors.rollout_vllm.VLLMRolloutEngine` (vLLM, CPU or
+GPU). Both are plain classes; ``ray.remote`` is applied where the engine group is built, and
+tests/actors/test_engine_contract.py holds both to this contract.
 
 The rollout engine's contract:
 

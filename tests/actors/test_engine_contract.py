@@ -4,7 +4,7 @@ Each engine is built from a config (``cluster.build.engine_spec``) with a LoRA s
 the default (rank 8, alpha 24, three of the seven projections), and must agree with the
 reference: transformers + PEFT with the same adapter, greedy ``generate`` one prompt at a time,
 and the learner's own log-prob functions (``completion_logits`` + ``token_logprobs``). The
-prompts carry a ~200-token system message, so with vLLM they fill whole KV blocks and its prefix
+prompts carry a ~140-token system message, so with vLLM they fill a whole KV block (128 tokens) and its prefix
 cache is in play: an engine that served a new adapter version from stale cached blocks fails
 here. vLLM runs in this process (single-process mode) when it is installed; scripts/install.sh
 installs it on CPU machines, so CI runs both.
@@ -28,11 +28,10 @@ NEEDS_VLLM = pytest.mark.skipif(not HAS_VLLM, reason="vLLM not installed")
 ENGINES = ["hf", pytest.param("vllm", marks=NEEDS_VLLM), pytest.param("vllm-merged", marks=NEEDS_VLLM)]
 TARGETS = ("q_proj", "v_proj", "down_proj")
 LORA = [f"lora.rank=8", "lora.alpha=24", f"lora.target_modules=[{', '.join(TARGETS)}]"]
-SYSTEM = "You check arithmetic. Read the expression, then answer with one number. " * 12
-QUESTIONS = ["Expression: 7 θ 5 | API answer: 12 →", "Expression: 9 γ 3 | API answer: 24 →",
-             "What is 17 * 23?", "Name three primary colours."]
+SYSTEM = "You check arithmetic. Read the expression, then answer with one number. " * 9  # > 128 tokens
+QUESTIONS = ["Expression: 7 θ 5 | API answer: 12 →", "Expression: 9 γ 3 | API answer: 24 →", "What is 17 * 23?"]
 VERSIONS = 8
-GREEDY = SamplingParams(max_new_tokens=10, temperature=0.0)
+GREEDY = SamplingParams(max_new_tokens=8, temperature=0.0)
 SAMPLED = SamplingParams(max_new_tokens=8, temperature=0.8, seed=11)
 
 

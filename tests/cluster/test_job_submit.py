@@ -139,14 +139,16 @@ def test_job_trains_and_a_sigkilled_driver_resumes_exactly(ray_head, tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM not installed")
 def test_job_with_two_vllm_engines_trains_syncs_and_resumes(ray_head, tmp_path):
-    """``rollout.engine: vllm`` as a submitted job: the learner and two vLLM engine actors with
-    half a CPU each; every push is checked on both engines (``cluster.verify_sync``: each
-    engine's adapter equals the learner's, version included). Then the run resumes from its
-    step-2 checkpoint for a third step."""
+    """``rollout.engine: vllm`` as a submitted job, asynchronous: the learner and two vLLM engine
+    actors with half a CPU each; the engines sample step 1's batch with the version-0 adapter
+    while the learner takes step 0, and the learner's importance weights use vLLM's log-probs.
+    Every push is checked on both engines (``cluster.verify_sync``: each engine's adapter equals
+    the learner's, version included). Then the run resumes from its step-2 checkpoint for a
+    third step."""
     address, env = ray_head
     run = tmp_path / "vllm"
     common = ["rollout.engine=vllm", "rollout.num_engines=2", "cluster.cpus_per_engine=0.5",
-              "cluster.verify_sync=true", "checkpoint.every_steps=1", "eval.at_start=false",
+              "cluster.verify_sync=true", "algorithm.async_off_policy_steps=1", "checkpoint.every_steps=1", "eval.at_start=false",
               "eval.n_items=2", "data.n_per_type=10", f"logging.run_dir={run}"]
     job = _submit(address, env, tmp_path / "first.log", f"vllm-{os.getpid()}", *common)
     assert _wait(job) == "SUCCEEDED", (tmp_path / "first.log").read_text(errors="replace")[-4000:]
@@ -154,8 +156,11 @@ def test_job_with_two_vllm_engines_trains_syncs_and_resumes(ray_head, tmp_path):
     assert {name for name in placement if name.startswith("rollout")} == {"rollout:0", "rollout:1"}
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1] and all(r["sync/verified"] == 1 for r in rows)
+    assert rows[1]["async/policy_lag"] == 1 and not any(r["learn/skipped"] for r in rows)
     adapter = _adapter(run, 2)
     assert any(v.abs().max() > 0 for k, v in adapter.items() if "lora_B" in k)  # the LoRA moved
+    saved = json.loads((run / "checkpoints" / "step_000002" / "adapter" / "adapter_config.json").read_text())
+    assert saved["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"  # portable
 
     job = _submit(address, env, tmp_path / "resumed.log", f"vllm-resumed-{os.getpid()}", *common,
                   "algorithm.steps=3", "checkpoint.resume=true")

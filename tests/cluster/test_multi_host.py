@@ -6,6 +6,7 @@ The trainer goes in with ``ray job submit`` on the head, as it would on rented n
 cross the link over gloo. Skipped, with the reason, where namespaces cannot be made.
 """
 
+import importlib.util
 import json
 import os
 import sys
@@ -97,15 +98,18 @@ def test_smoke_run_across_three_hosts_survives_losing_an_engine_host(hosts):
 def test_learner_host_dies_then_resume_on_a_fresh_cluster(hosts):
     """SIGKILL the learner's host after the first checkpoint: the job stops with a message
     naming the checkpoint; on a fresh cluster (every node restarted) the run resumes from it.
-    Here the config names the interface for gloo (``cluster.socket_interface``)."""
+    Here the config names the interface for gloo (``cluster.socket_interface``), and the one
+    engine, on the other worker, is a vLLM engine (where vLLM is installed)."""
+    engine = "vllm" if importlib.util.find_spec("vllm") else "hf"
     sets = ("algorithm.steps=3", "checkpoint.every_steps=1", "checkpoint.keep_last=0",
-            "cluster.socket_interface=eth0", FIRST_ANSWERS)
+            "cluster.socket_interface=eth0", f"rollout.engine={engine}", FIRST_ANSWERS)
     job, run = _submit(hosts, "mh-learner", "learner_lost", *sets)
     _wait_for(lambda: (run / "checkpoints" / "step_000001" / "meta.json").exists(), "first checkpoint")
     hosts.hosts[_host_of(hosts, run, "learner:0")].kill()
     status, logs = job.wait(), job.logs()
     assert status == "FAILED", logs[-4000:]
     assert "weight sync: gloo" in logs and "a Ray actor the run needs died" in logs and "checkpoint.resume=true" in logs
+    assert _host_of(hosts, run, "rollout:0") != _host_of(hosts, run, "learner:0")
 
     hosts.stop_all()
     hosts.start_ray(CPUS)

@@ -1,7 +1,6 @@
 """The training entry end to end on the real parts: the embedded model as upstream and as
 the adapter's base, the HF engine, the DeepSpeed + PEFT learner, the answer cache."""
 
-import importlib.util
 import json
 
 import pytest
@@ -89,19 +88,3 @@ def test_vllm_engine_without_vllm_stops_before_any_work(tmp_path, capsys, monkey
     assert "rollout.engine vllm" in err and "scripts/install.sh" in err and ".[gpu]" in err
     assert not run.exists()  # no upstream answer, no model load, no run folder
 
-
-@pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM not installed")
-def test_async_grpo_on_the_vllm_engine_in_process(tmp_path):
-    """The asynchronous mode on vLLM: the batch of step 1 is sampled by the version-0 policy
-    while the learner takes step 0, and the learner's importance weights use vLLM's log-probs."""
-    run = tmp_path / "run"
-    argv = ["--config", "configs/smoke.yaml", "--set", f"logging.run_dir={run}", "--set", "cluster.mode=in_process",
-            "--set", "rollout.engine=vllm", "--set", "algorithm.async_off_policy_steps=1",
-            "--set", "eval.at_start=false", "--set", "eval.n_items=2", "--set", "data.n_per_type=10"]
-    assert train.main(argv) == 0
-    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in metrics] == [0, 1] and metrics[1]["async/policy_lag"] == 1
-    assert all(m["learn/skipped"] == 0 for m in metrics)
-    config = json.loads((run / "checkpoints" / "step_000002" / "adapter" / "adapter_config.json").read_text())
-    assert config["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"  # portable
