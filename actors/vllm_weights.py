@@ -2,10 +2,10 @@
 that reaches past vLLM's public API.
 
 ``LLM.collective_rpc`` (public) runs a function on the engine's worker; what that function
-touches, ``worker.model_runner.model.load_weights``, is vLLM's internal model interface (the one
-vLLM's own RLHF examples and verl use). It takes Hugging Face parameter names and packs q/k/v and
-gate/up itself. When it moves, the first merged update fails naming the vLLM version, and so does
-the merged engine's contract suite (tests/actors/test_engine_contract.py).
+touches, ``worker.reload_weights``, is vLLM's internal worker interface (``model.load_weights``
+alone fails on CPU, which repacks and empties the loaded weights). It takes Hugging Face
+parameter names and packs q/k/v and gate/up itself. When it moves, the first merged update fails
+naming the vLLM version.
 """
 
 from __future__ import annotations
@@ -23,14 +23,14 @@ PREFIX, A, B = "base_model.model.", ".lora_A.weight", ".lora_B.weight"
 def load_weights_on_worker(worker: Any, weights: list[tuple[str, Tensor]]) -> int:
     """Run on vLLM's worker by ``collective_rpc``: copy ``weights`` into its model; the count."""
     try:
-        load = worker.model_runner.model.load_weights
+        reload = worker.reload_weights
     except AttributeError as error:
         import vllm
 
-        raise RuntimeError(f"vLLM {vllm.__version__}: worker.model_runner.model.load_weights is gone "
-                           f"({error}); the merged adapter mode (actors/vllm_weights.py) needs updating "
-                           "for this vLLM, or use rollout.vllm_adapter_mode lora") from error
-    worker.reload_weights(weights_iterator=weights, is_checkpoint_format=True)  # CPU repacks: load_weights alone fails
+        raise RuntimeError(f"vLLM {vllm.__version__}: worker.reload_weights is gone ({error}); the merged "
+                           "adapter mode (actors/vllm_weights.py) needs updating for this vLLM, or use "
+                           "rollout.vllm_adapter_mode lora") from error
+    reload(weights_iterator=weights, is_checkpoint_format=True)
     return len(weights)
 
 
