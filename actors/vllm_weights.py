@@ -35,7 +35,12 @@ def load_weights_on_worker(worker: Any, weights: list[tuple[str, Tensor]]) -> in
 
 
 class MergedWeights:
-    """The target modules' base weights (kept on CPU) and the merge ``W + scale * B @ A``."""
+    """Every projection's base weight (kept on CPU) and the merge ``W + scale * B @ A``.
+
+    Each update sends every projection, merged where the adapter targets it and unchanged
+    where not: vLLM rebuilds a packed weight (q/k/v, gate/up) from the pieces it is sent, so a
+    piece left out (``v_proj`` when only ``q_proj`` is targeted) would not keep its old value.
+    """
 
     def __init__(self, llm: Any, model_folder: str | os.PathLike[str], config: dict, dtype: torch.dtype):
         from safetensors import safe_open
@@ -52,10 +57,11 @@ class MergedWeights:
         """Merge one full set of LoRA tensors into the served weights; reset the prefix cache
         (its blocks were computed with the old weights)."""
         weights = []
-        for name in sorted(k for k in tensors if k.endswith(A)):
-            module = name[len(PREFIX):-len(A)]
-            lora_a, lora_b = tensors[name].float(), tensors[PREFIX + module + B].float()
-            merged = self.base[module + ".weight"] + self.scale * (lora_b @ lora_a)
-            weights.append((module + ".weight", merged.to(self.dtype)))
+        for name, base in sorted(self.base.items()):
+            module = name.removesuffix(".weight")
+            if PREFIX + module + A in tensors:
+                lora_a, lora_b = tensors[PREFIX + module + A].float(), tensors[PREFIX + module + B].float()
+                base = base + self.scale * (lora_b @ lora_a)
+            weights.append((name, base.to(self.dtype)))
         self.llm.collective_rpc(load_weights_on_worker, args=(weights,))
         self.llm.reset_prefix_cache()

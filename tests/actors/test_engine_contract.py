@@ -25,7 +25,7 @@ pytestmark = pytest.mark.slow
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 NEEDS_VLLM = pytest.mark.skipif(not HAS_VLLM, reason="vLLM not installed")
-ENGINES = ["hf", pytest.param("vllm", marks=NEEDS_VLLM)]
+ENGINES = ["hf", pytest.param("vllm", marks=NEEDS_VLLM), pytest.param("vllm-merged", marks=NEEDS_VLLM)]
 TARGETS = ("q_proj", "v_proj", "down_proj")
 LORA = [f"lora.rank=8", "lora.alpha=24", f"lora.target_modules=[{', '.join(TARGETS)}]"]
 SYSTEM = "You check arithmetic. Read the expression, then answer with one number. " * 9  # > 128 tokens
