@@ -180,21 +180,40 @@ def to_latex(text: str) -> str:
 
 
 def compare_with_sympy(pred: str, gold: str) -> tuple[str, str]:
-    """Parse both with math-verify and compare; gold that does not parse cannot be judged."""
-    from math_verify import LatexExtractionConfig, parse, verify
+    """Read both (:func:`read_answer`) and compare with math-verify; gold that does not parse
+    cannot be judged, and a "not equal" that SymPy did not show is not a verdict
+    (:func:`verifiers.plain_syntax.vanishes_everywhere_tried`)."""
+    from math_verify import verify
 
-    config = [LatexExtractionConfig()]
+    from verifiers.plain_syntax import vanishes_everywhere_tried
+
+    golds = read_answer(gold)
+    if not golds:
+        return CANNOT_JUDGE, "the gold answer is not math that math-verify can parse"
+    preds = read_answer(pred)
+    if not preds:
+        return DIFFERENT, "the prediction is not math that math-verify can parse"
     # Timeouts off: they rely on SIGALRM and report a timeout as "not equal"; the server
     # enforces the budget by killing this process instead.
-    golds = parse(to_latex(gold), config, parsing_timeout=None)
-    if not any(not isinstance(g, str) for g in golds):
-        return CANNOT_JUDGE, "the gold answer is not math that math-verify can parse"
-    preds = parse(to_latex(pred), config, parsing_timeout=None)
-    if not any(not isinstance(p, str) for p in preds):
-        return DIFFERENT, "the prediction is not math that math-verify can parse"
     if verify(golds, preds, timeout_seconds=None, raise_on_error=True):
         return EQUIVALENT, "equal according to math-verify"
+    if vanishes_everywhere_tried(preds[0], golds[0]):
+        return CANNOT_JUDGE, "SymPy did not show them equal, yet they agree at every test point"
     return DIFFERENT, "not equal according to math-verify"
+
+
+def read_answer(text: str) -> list:
+    """The parsed forms of one answer (SymPy objects first), [] when it does not parse: plain
+    SymPy syntax (``sin(x)**2``) by :func:`verifiers.plain_syntax.read_plain`, everything else
+    by math-verify's LaTeX reader."""
+    from math_verify import LatexExtractionConfig, parse
+
+    from verifiers.plain_syntax import is_plain_call, read_plain
+
+    if is_plain_call(text) and (expr := read_plain(text)) is not None:
+        return [expr, text]
+    return [p for p in parse(to_latex(text), [LatexExtractionConfig()], parsing_timeout=None)
+            if not isinstance(p, str)]
 
 
 def _compare_safely(pred: str, gold: str) -> tuple[str, str]:

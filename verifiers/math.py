@@ -16,9 +16,12 @@ How a pair is judged, cheapest first:
    exactly as fractions, in microseconds. Equal is final; unequal is final unless a decimal
    point is involved, where math-verify's rounding (``0.333333`` = 1/3) decides instead;
 4. everything else goes to math-verify (``parse`` + ``verify``, built on SymPy) in a separate
-   process with a wall-clock budget and a memory cap (see :mod:`verifiers._sandbox`). Only
-   its LaTeX reader is used: plain text such as ``2*sqrt(2)`` or ``x^2-1`` is read as LaTeX,
-   and nothing the model wrote is ever ``eval``-ed or ``sympify``-ed.
+   process with a wall-clock budget and a memory cap (see :mod:`verifiers._sandbox`). Text
+   that calls a function in plain SymPy syntax (``sin(x)**2``, ``exp(0)``) is read by
+   :mod:`verifiers.plain_syntax` (an ``ast`` whitelist), everything else by math-verify's
+   LaTeX reader (``2*sqrt(2)`` and ``x^2-1`` parse as LaTeX); nothing the model wrote is ever
+   ``eval``-ed or ``sympify``-ed. A "not equal" from math-verify where the two sides agree at
+   every test point is "cannot judge": SymPy failed to prove an identity, it did not refute it.
 
 A gold answer that math-verify cannot parse cannot be judged; a prediction it cannot parse
 (against a gold that parses) is ``DIFFERENT``. math-verify's rules apply: a bare value
