@@ -54,10 +54,17 @@ from typing import Any, Sequence
 from rl.prompts import CONDITIONS, adapter_prompt
 from rl.records import SamplingParams
 from verifiers.answers import extract_boxed, is_correct_token, read_box
-from verifiers.symbols import SEED_SYMBOLS, SymbolError, tokenize
+from verifiers.symbols import SEED_SYMBOLS, SymbolError, evaluate, tokenize
 
 DECISIONS = ("CORRECT", "override", "none")
 DEFAULT_MAX_NEW_TOKENS = 256  # rl.config's eval.max_new_tokens, when no run config says otherwise
+
+
+MAX_EXPRESSION_CHARS = 300
+MAX_OPERAND_DIGITS = 30
+"""Limits on what the chain takes: the prompt (few-shot head + expression + the upstream's
+answer) must fit the adapter's context, and no arithmetic the model is asked to check has
+operands this long."""
 
 
 class ChainInputError(ValueError):
@@ -109,10 +116,19 @@ def check_expression(expression: Any, where: str = "expression") -> str:
         raise ChainInputError(f"{where}: must be a string, got {type(expression).__name__}")
     if not expression.strip():
         raise ChainInputError(f"{where}: is empty")
+    if len(expression.strip()) > MAX_EXPRESSION_CHARS:
+        raise ChainInputError(f"{where}: is {len(expression.strip())} characters; at most {MAX_EXPRESSION_CHARS}")
     try:
-        tokenize(expression, SEED_SYMBOLS)
+        tokens = tokenize(expression, SEED_SYMBOLS)
     except SymbolError as error:
         raise ChainInputError(f"{where}: {error}") from None
+    long = next((t for t in tokens[::2] if len(str(t)) > MAX_OPERAND_DIGITS), None)
+    if long is not None:
+        raise ChainInputError(f"{where}: an operand has {len(str(long))} digits; at most {MAX_OPERAND_DIGITS}")
+    try:
+        evaluate(expression, SEED_SYMBOLS)
+    except ZeroDivisionError:
+        raise ChainInputError(f"{where}: divides by zero, so it has no value to check") from None
     return expression.strip()
 
 

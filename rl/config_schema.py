@@ -387,7 +387,12 @@ def key_lines(text: str, path: str) -> dict[str, str]:
 
 def read_yaml(path: str | Path) -> tuple[Any, dict[str, str]]:
     """(the document, or {} when empty; dotted key -> ``"path:line"``) of a YAML file."""
-    text = Path(path).read_text()
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:  # missing, a folder, unreadable, not text
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else type(error).__name__
+        raise ConfigError(Issue("<document>", str(path), f"cannot read the config file: {reason}",
+                                "a readable YAML file", str(path))) from None
     try:
         doc = yaml_load(text)
         return ({} if doc is None else doc), {"<root>": str(path), **key_lines(text, str(path))}

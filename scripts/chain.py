@@ -24,8 +24,11 @@ HTTP service (``--serve``, stdlib ``ThreadingHTTPServer``, JSON in and out):
   ``{"expressions": [...]}`` -> ``{"answers": [...]}`` (at most ``--max-items``);
 - errors are JSON ``{"error": message, "status": code}``: 400 malformed JSON, a missing,
   empty, unknown or mistyped field, too many items, an expression the symbol tokenizer
-  rejects (the message names the item and the position); 404 unknown path; 405 wrong method
-  (with ``Allow``); 411 no Content-Length; 413 body over ``--max-body-bytes``; 503 when
+  rejects (the message names the item and the position), one over 300 characters or with an
+  operand over 30 digits, one that divides by zero (it has no value to check); 404 unknown
+  path; 405 wrong method (with ``Allow``); 411 no Content-Length; 413 body over
+  ``--max-body-bytes``; 415 a Content-Type other than ``application/json`` (none is taken as
+  JSON); 503 when
   ``--queue-size`` requests are already admitted (with ``Retry-After``); 500 for an internal
   error (logged here; the client gets a message, never a traceback). The server keeps serving.
 
@@ -275,6 +278,9 @@ class ChainHandler(BaseHTTPRequestHandler):
             self._reply(500, {"error": f"internal error: {type(error).__name__}: {error}", "status": 500})
 
     def _chain(self) -> None:
+        media = self.headers.get("Content-Type", "application/json").split(";", 1)[0].strip().lower()
+        if media != "application/json":
+            raise RequestError(415, f"Content-Type {media!r} is not accepted; send application/json")
         raw = self._read_body()
         expressions, single = parse_body(raw, self.server.max_items)
         if not self.server.admit():

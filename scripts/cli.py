@@ -7,6 +7,7 @@ when run, so ``api-adapter --help`` answers at once.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 COMMANDS = {
@@ -39,7 +40,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"api-adapter: unknown command {argv[0]!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[argv[0]][0])
-    return module.main(argv[1:])
+    from rl.config_schema import ConfigError
+
+    try:
+        return module.main(argv[1:])
+    except ConfigError as error:  # a config no command caught itself: the message, no traceback
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # `api-adapter ... | head`: the reader is gone, so end quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # the interpreter's final flush must not fail again
+        return 1
 
 
 if __name__ == "__main__":

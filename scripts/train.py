@@ -1,4 +1,4 @@
-"""Train an API adapter with GRPO: ``python scripts/train.py --config configs/cpu.yaml``.
+"""Train an API adapter with GRPO: ``api-adapter train --config configs/cpu_t1.yaml``.
 
 The algorithm: GRPO with a verifiable binary reward (the adapter's resolved answer equals
 the truth). Per step, ``prompts_per_step`` tasks each get ``group_size`` sampled completions;
@@ -14,8 +14,10 @@ for nothing twice) and written into the adapter's prompt. The run folder gets th
 config, the data, ``metrics.jsonl``, checkpoints (PEFT folders) and ``results.json`` with the
 held-out accuracy before and after training.
 
-This entry runs everything in one process (CPU or one GPU). Heavy imports are deferred so
-``--help`` answers at once.
+With ``cluster.mode: ray`` (the default) the pieces run as Ray actors: a local cluster is
+started when ``cluster.address`` names none, and ``ray job submit`` runs this same entry on a
+cluster; ``cluster.mode: local`` runs everything in this process. Heavy imports are deferred
+so ``--help`` answers at once.
 """
 
 from __future__ import annotations
@@ -380,10 +382,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from rl.config import ConfigError, describe, load_config
 
-    if args.help_config is not None:
-        print(describe(args.help_config or None))
-        return 0
     try:
+        if args.help_config is not None:
+            print(describe(args.help_config or None))
+            return 0
         config = load_config(args.config, args.set)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
