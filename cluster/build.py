@@ -136,7 +136,7 @@ def build_ray(config, run: Path) -> RayRun:
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     upstream = groups.make_group(UpstreamHost, 1, lambda i: {"num_cpus": 0, "scheduling_strategy": here},
                                  provider_kwargs(config), str(config.upstream.cache_path or run / "upstream_cache.sqlite"),
-                                 config.upstream.max_concurrency)[0]
+                                 config.upstream.max_concurrency, config.upstream.max_requests)[0]
     learner = groups.LearnerGroup(learners)
     kind = weight_sync_transport(the_plan, config.rollout.num_engines, cl.weight_sync)
     print(f"weight sync: {kind}")

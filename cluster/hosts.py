@@ -196,11 +196,12 @@ class VerifierHost:
 class UpstreamHost:
     """The one owner of the answer cache: every upstream call of a run goes through here."""
 
-    def __init__(self, provider_kwargs: dict, cache_path: str, concurrency: int):
+    def __init__(self, provider_kwargs: dict, cache_path: str, concurrency: int, max_requests: int | None = None):
         from actors.upstream import AnswerCache, UpstreamClient, build_provider
 
         self.cache = AnswerCache(cache_path)
-        self.client = UpstreamClient(build_provider(**provider_kwargs), self.cache, concurrency=concurrency)
+        self.client = UpstreamClient(build_provider(**provider_kwargs), self.cache, concurrency=concurrency,
+                                     max_requests=max_requests)
 
     async def answer_all(self, requests) -> list:
         return await self.client.answer_all(requests)

@@ -267,6 +267,9 @@ class UpstreamConfig:
     region: Optional[str] = knob(None, "Vertex region; null: from the environment.", allowed="a region")
     timeout_s: float = knob(60.0, "Per-request timeout in seconds.", gt=0, le=3600)
     max_retries: int = knob(5, "Retries of a failed request (with backoff); then the run stops.", ge=0, le=100)
+    max_requests: Optional[int] = knob(None, "Most provider calls in this run (answers from the cache are "
+                                       "free); the run stops before crossing it, every answer fetched kept "
+                                       "in the cache. null: no limit.", ge=0, le=10**9)
 
 
 @dataclass(frozen=True)

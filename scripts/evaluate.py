@@ -271,7 +271,7 @@ def run(args) -> dict[str, dict]:
     tasks, _ = read_tasks(args.data, args.task, limit=args.limit)
     if not tasks:
         raise UsageError(f"--data {args.data}: no rows")
-    answers = _answer_in_process(config, args.out or DEFAULT_CACHE.parent, _requests(config, tasks))
+    answers = _answer_in_process(config, args.out or DEFAULT_CACHE.parent, _requests(config, tasks), [0])
     print(f"upstream: {len(answers)} answers ({sum(a.cached for a in answers)} from the cache), "
           f"{sum(a.answer is None for a in answers)} without a number")
     api_answers = [a.answer for a in answers]

@@ -16,7 +16,7 @@ held-out accuracy before and after training.
 
 With ``cluster.mode: ray`` (the default) the pieces run as Ray actors: a local cluster is
 started when ``cluster.address`` names none, and ``ray job submit`` runs this same entry on a
-cluster; ``cluster.mode: local`` runs everything in this process. Heavy imports are deferred
+cluster; ``cluster.mode: in_process`` runs everything in this process. Heavy imports are deferred
 so ``--help`` answers at once.
 """
 
@@ -79,14 +79,17 @@ def _requests(config, tasks) -> list:
     return [request(t.prompt, max_tokens=up.max_tokens, temperature=up.temperature) for t in tasks]
 
 
-def _answer_in_process(config, run: Path, requests) -> list:
-    """Every request's upstream answer through the run's on-disk cache, in this process."""
+def _answer_in_process(config, run: Path, requests, spent: list[int]) -> list:
+    """Every request's upstream answer through the run's on-disk cache, in this process;
+    ``spent[0]``: the run's provider calls so far (``upstream.max_requests`` bounds the run)."""
     from actors.upstream import AnswerCache, UpstreamClient, build_provider
     from cluster.build import provider_kwargs
 
+    limit = config.upstream.max_requests
     cache = AnswerCache(config.upstream.cache_path or run / "upstream_cache.sqlite")
     client = UpstreamClient(build_provider(**provider_kwargs(config)), cache,
-                            concurrency=config.upstream.max_concurrency)
+                            concurrency=config.upstream.max_concurrency,
+                            max_requests=None if limit is None else limit - spent[0])
 
     async def answer_all():
         try:
@@ -97,6 +100,7 @@ def _answer_in_process(config, run: Path, requests) -> list:
     try:
         return asyncio.run(answer_all())
     finally:
+        spent[0] += client.calls_started
         cache.close()
 
 
@@ -134,8 +138,9 @@ def _in_process(config, run: Path) -> Parts:
                                        config.rollout.gpu_memory_utilization))
     sync_adapter(engine, learner)  # one starting point
     reward = get_reward("binary")
+    spent = [0]
     return Parts(engine, learner, lambda pairs: [reward(t, e) for t, e in pairs],
-                 lambda requests: _answer_in_process(config, run, requests), lambda: None)
+                 lambda requests: _answer_in_process(config, run, requests, spent), lambda: None)
 
 
 def _on_ray(config, run: Path) -> Parts:
@@ -397,11 +402,12 @@ def main(argv: list[str] | None = None) -> int:
               f"sft.batch_size, sft.lr)", file=sys.stderr)
         return 2
     from actors.rollout_vllm import VLLMUnavailable
+    from actors.upstream import UpstreamBudgetExceeded
     from rl.checkpoint import RunAborted
 
     try:
         run(config)
-    except RunAborted as error:
+    except (RunAborted, UpstreamBudgetExceeded) as error:
         print(f"error: {error}", file=sys.stderr)
         return 3
     except VLLMUnavailable as error:

@@ -30,7 +30,7 @@ from actors.upstream.base import (
     UpstreamRequest,
 )
 from actors.upstream.cache import AnswerCache, cache_key
-from actors.upstream.client import FREE, Pricing, Tally, UpstreamClient
+from actors.upstream.client import FREE, Pricing, Tally, UpstreamBudgetExceeded, UpstreamClient
 
 PROVIDERS = ("local", "anthropic", "vertex", "openai")
 
@@ -84,5 +84,5 @@ def build_provider(kind: str, model: str | None = None, *, base_url: str | None 
 __all__ = [
     "AnswerCache", "DEFAULT_CONCURRENCY", "DEFAULT_MODEL", "FREE", "PROVIDERS", "Pricing",
     "Provider", "Reply", "RetryPolicy", "SYMBOL_SYSTEM_PROMPT", "Tally", "UpstreamAnswer",
-    "UpstreamClient", "UpstreamError", "UpstreamRequest", "build_provider", "cache_key", "make_provider",
+    "UpstreamBudgetExceeded", "UpstreamClient", "UpstreamError", "UpstreamRequest", "build_provider", "cache_key", "make_provider",
 ]

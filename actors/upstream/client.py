@@ -7,6 +7,11 @@ call), else it takes a slot of the semaphore (``concurrency`` calls at a time; r
 hold their slot, which eases a rate-limited server), asks the provider, stores the answer
 (one committed transaction) and counts it. It has the providers' interface, so anything that
 takes a provider takes a client.
+
+Spend: with ``max_requests`` the client makes at most that many provider calls (cache hits and
+shared calls are free). The call that would cross it raises :class:`UpstreamBudgetExceeded`
+instead; ``answer_all`` first lets every call already under way finish and be cached, so a
+rerun with a higher limit pays only for what is left.
 """
 
 from __future__ import annotations
@@ -78,6 +83,20 @@ class Tally:
         return data
 
 
+class UpstreamBudgetExceeded(RuntimeError):
+    """``max_requests`` provider calls were made; ``unanswered``: requests left without an answer
+    (None from a single :meth:`UpstreamClient.answer`)."""
+
+    def __init__(self, limit: int, unanswered: int | None = None):
+        self.limit, self.unanswered = limit, unanswered
+        left = "" if unanswered is None else f"; {unanswered} request(s) left unanswered"
+        super().__init__(f"upstream.max_requests {limit} reached: {limit} calls made{left}. Every answer "
+                         "fetched is in the answer cache; raise the limit and rerun to pay only for the rest")
+
+    def __reduce__(self):  # crosses Ray's process boundary with its fields
+        return type(self), (self.limit, self.unanswered)
+
+
 class UpstreamClient:
     """``provider`` behind ``cache`` (None: no cache); see the module docstring. The client
     closes its provider in :meth:`aclose`; the cache belongs to the caller."""
@@ -89,9 +108,13 @@ class UpstreamClient:
         *,
         concurrency: int = DEFAULT_CONCURRENCY,
         pricing: Pricing | None = None,
+        max_requests: int | None = None,
     ) -> None:
         if concurrency < 1:
             raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+        if max_requests is not None and max_requests < 0:
+            raise ValueError(f"max_requests must be >= 0 or None, got {max_requests}")
+        self.max_requests, self._calls_started = max_requests, 0
         self.provider = provider
         self.cache = cache
         self.pricing = pricing or Pricing()
@@ -100,6 +123,11 @@ class UpstreamClient:
         self.name, self.model, self.endpoint = provider.name, provider.model, provider.endpoint
         self._semaphore = asyncio.Semaphore(concurrency)
         self._inflight: dict[str, asyncio.Future] = {}
+
+    @property
+    def calls_started(self) -> int:
+        """Provider calls this client has started (what ``max_requests`` bounds)."""
+        return self._calls_started
 
     def key(self, request: UpstreamRequest) -> str:
         return cache_key(self.identity, request)
@@ -117,6 +145,9 @@ class UpstreamClient:
                 return await self.answer(request)
             self.tally.add(pending.result(), shared=True)
             return pending.result()
+        if self.max_requests is not None and self._calls_started >= self.max_requests:
+            raise UpstreamBudgetExceeded(self.max_requests)
+        self._calls_started += 1
         future: asyncio.Future = asyncio.get_running_loop().create_future()
         self._inflight[key] = future
         try:
@@ -138,7 +169,10 @@ class UpstreamClient:
         requests: Iterable[UpstreamRequest],
         on_answer: Callable[[int, UpstreamAnswer], None] | None = None,
     ) -> list[UpstreamAnswer]:
-        """Answer every request (in input order); ``on_answer(index, answer)`` as each arrives."""
+        """Answer every request (in input order); ``on_answer(index, answer)`` as each arrives.
+        A failure is raised once every other request has finished (so nothing already paid
+        for is dropped); over ``max_requests``, :class:`UpstreamBudgetExceeded` with the count
+        left unanswered."""
 
         async def one(index: int, request: UpstreamRequest) -> UpstreamAnswer:
             answer = await self.answer(request)
@@ -146,7 +180,14 @@ class UpstreamClient:
                 on_answer(index, answer)
             return answer
 
-        return list(await asyncio.gather(*(one(i, r) for i, r in enumerate(requests))))
+        results = await asyncio.gather(*(one(i, r) for i, r in enumerate(requests)), return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        over = [e for e in errors if isinstance(e, UpstreamBudgetExceeded)]
+        if len(over) < len(errors):
+            raise next(e for e in errors if not isinstance(e, UpstreamBudgetExceeded))
+        if over:
+            raise UpstreamBudgetExceeded(over[0].limit, len(over))
+        return results
 
     async def aclose(self) -> None:
         await self.provider.aclose()

@@ -108,3 +108,30 @@ def test_a_cancelled_owner_does_not_strand_its_sharers():
         owner.cancel()
         return await sharer
     assert asyncio.run(go()).answer == 3 and provider.calls == ["abc", "abc"]
+
+
+def test_max_requests_stops_before_the_limit_and_keeps_every_answer_paid_for(tmp_path):
+    from actors.upstream import UpstreamBudgetExceeded
+
+    provider = Scripted(delay=0.02)
+    requests = [UpstreamRequest("x" * n) for n in range(1, 8)]  # 7 different prompts
+
+    async def go(limit):
+        with AnswerCache(tmp_path / "c.sqlite") as cache:
+            client = UpstreamClient(provider, cache, concurrency=2, max_requests=limit)
+            try:
+                return await client.answer_all(requests + requests[:2]), client.calls_started
+            except UpstreamBudgetExceeded as error:
+                return error, client.calls_started
+
+    error, started = asyncio.run(go(3))
+    assert isinstance(error, UpstreamBudgetExceeded) and started == 3 and len(provider.calls) == 3
+    assert error.unanswered == 4 and "max_requests 3 reached" in str(error) and "4 request(s) left" in str(error)
+    with AnswerCache(tmp_path / "c.sqlite") as cache:
+        assert cache.counts()["answered"] == 3  # every call made was saved
+    answers, started = asyncio.run(go(4))  # the rerun pays only for the 4 left
+    assert started == 4 and len(provider.calls) == 7 and [a.answer for a in answers] == [*range(1, 8), 1, 2]
+    import pickle
+
+    again = pickle.loads(pickle.dumps(error))  # as it crosses from the Ray actor to the driver
+    assert (again.limit, again.unanswered, str(again)) == (3, 4, str(error))

@@ -39,6 +39,21 @@ def test_smoke_config_trains_checkpoints_and_reports(tmp_path, capsys):
     assert (rerun / "checkpoints" / "step_000001" / "adapter" / "adapter_config.json").exists()
 
 
+def test_max_requests_stops_the_run_before_the_limit_and_keeps_the_answers(tmp_path, capsys):
+    from actors.upstream import AnswerCache
+
+    run = tmp_path / "run"
+    argv = ["--config", "configs/smoke.yaml", "--set", f"logging.run_dir={run}", "--set", "cluster.mode=in_process",
+            "--set", "upstream.max_requests=5"]
+    assert train.main(argv) == 3
+    err = capsys.readouterr().err
+    assert "error: upstream.max_requests 5 reached: 5 calls made; 3" in err  # 33-35 of 40 (duplicates share)
+    assert "request(s) left unanswered" in err
+    with AnswerCache(run / "upstream_cache.sqlite") as cache:
+        assert cache.counts()["answered"] == 5
+    assert not (run / "checkpoints").exists() and not (run / "results.json").exists()
+
+
 def test_bad_config_is_a_clear_error(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("algorithm:\n  stepz: 3\n")
