@@ -15,7 +15,9 @@ Symbol task metrics (rows whose ``decision`` is not ``None``):
   one; verdicts: how often the adapter said CORRECT / overrode / gave no readable verdict,
   and how often each was right;
 - errors of the wrong rows, in this order of precedence: ``no_answer`` (no box, an unreadable
-  box, or CORRECT when the API gave no answer), ``echo_api`` (the final answer is the API's,
+  box, or CORRECT when the API gave no answer), ``misread_symbol`` (the final answer is the
+  expression's value with a custom symbol read as another operation, e.g. θ as ×, whether
+  the adapter computed it or kept the API's), ``echo_api`` (the final answer is the API's,
   by CORRECT or by copying it), ``echo_operand`` (it is one of the expression's operands),
   ``arithmetic`` (any other number). These are the seed's failure modes.
 
@@ -29,6 +31,7 @@ samples (their accuracy estimates pass@1) and ``summary["samples"]`` adds pass@k
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 from dataclasses import asdict, dataclass, fields
 from fractions import Fraction
@@ -48,9 +51,9 @@ from verifiers.answers import (
     stop_aware,
 )
 from verifiers.rewards import Example, get_reward
-from verifiers.symbols import OPS, SEED_SYMBOLS, SymbolError, SymbolMap, symbols_in, tokenize
+from verifiers.symbols import OPS, SEED_SYMBOLS, SymbolError, SymbolMap, evaluate, symbols_in, tokenize
 
-ERROR_KINDS = ("echo_api", "echo_operand", "arithmetic", "no_answer")
+ERROR_KINDS = ("misread_symbol", "echo_api", "echo_operand", "arithmetic", "no_answer")
 DECISIONS = ("kept_correct_api", "fixed_wrong_api", "broke_correct_api", "left_wrong")
 DECISION_LABELS = {"kept_correct_api": "kept a correct API answer", "fixed_wrong_api": "fixed a wrong one",
                    "broke_correct_api": "broke a correct one", "left_wrong": "left a wrong one"}
@@ -127,17 +130,42 @@ def classify_error(answer: Fraction | None, api_answer: Fraction | int | None, e
                    symbols: SymbolMap = SEED_SYMBOLS) -> str:
     """Why a wrong final answer is wrong (see the module docstring for the precedence).
 
-    >>> classify_error(Fraction(12), 12, "12 θ 5"), classify_error(Fraction(5), 3, "12 θ 5")
-    ('echo_api', 'echo_operand')
+    >>> classify_error(Fraction(12), 12, "12 θ 5"), classify_error(Fraction(60), 60, "12 θ 5")
+    ('echo_api', 'misread_symbol')
     """
     if answer is None:
         return "no_answer"
+    if answer in misread_values(expression, symbols):
+        return "misread_symbol"
     if api_answer is not None and answer == api_answer:
         return "echo_api"
     numbers = operands(expression, symbols)
     if numbers is None:
         numbers = find_numbers(expression)
     return "echo_operand" if answer in numbers else "arithmetic"
+
+
+def misread_values(expression: str, symbols: SymbolMap = SEED_SYMBOLS) -> set[Fraction]:
+    """The values ``expression`` takes when its custom symbols are read as other operations
+    (every other assignment of ``+ - * /`` to the symbols it uses), minus its true value.
+
+    >>> sorted(misread_values("6 θ 2"))  # θ is +: as -, *, /
+    [Fraction(3, 1), Fraction(4, 1), Fraction(12, 1)]
+    """
+    used = sorted(c for c in set(expression) if c in symbols.custom)
+    if not used:
+        return set()
+    try:
+        truth = evaluate(expression, symbols)
+    except (SymbolError, ZeroDivisionError):
+        return set()
+    values = set()
+    for ops in itertools.product(OPS, repeat=len(used)):
+        try:
+            values.add(evaluate(expression, SymbolMap(dict(zip(used, ops)))))
+        except ZeroDivisionError:
+            continue
+    return values - {truth}
 
 
 def _verdict(completion: str, answer: Fraction | None) -> str:

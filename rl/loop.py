@@ -290,7 +290,8 @@ def learn(batch: Batch, engine: RolloutEngine, learner: Learner, settings) -> di
         metrics["throughput/rollout_tokens_per_s"] = metrics["rollout/tokens"] / metrics["timing/rollout"]
     item, group = sampled[0]
     completion, result = group[0]
-    metrics["sample"] = {"uid": item.uid, "completion": item.prompt.response_prefix + completion.text,
+    metrics["sample"] = {"uid": item.uid, "question": item.example.question,
+                         "completion": item.prompt.response_prefix + completion.text,
                          "reward": result.reward, "api_answer": str(item.example.api_answer)}
     return metrics
 

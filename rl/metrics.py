@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 from typing import TextIO
 
@@ -38,20 +39,41 @@ class JsonlSink:
 
 
 class ConsoleSink:
-    """One line per step: the key numbers, the step's seconds, and the decoded sample."""
+    """One line per step: the phase and ``step n/total`` (1-based), the key numbers, the step's
+    seconds, elapsed time and ETA (from the steps this sink has seen), and the decoded sample
+    with its question and the upstream's answer::
 
-    def __init__(self, stream: TextIO | None = None):
+        grpo step 7/40  reward=0.25  ...  4.1s  elapsed 0:28  eta 2:15  | 3 θ 4  api 7 → '\\boxed{CORRECT}' reward 0
+    """
+
+    def __init__(self, stream: TextIO | None = None, *, phase: str = "step", total: int | None = None):
         self.stream = stream  # None: whatever sys.stdout is when a line is written
+        self.phase, self.total = phase, total
+        self._start, self._first = time.perf_counter(), None
 
     def log(self, step: int, metrics: dict) -> None:
-        parts = [f"step {step:4d}"]
+        self._first = step if self._first is None else self._first
+        parts = [f"{self.phase} {step + 1}" + (f"/{self.total}" if self.total else "")]
         parts += [f"{LABELS.get(key, key.split('/')[-1])}={metrics[key]:.3g}" for key in CONSOLE_KEYS if key in metrics]
         seconds = sum(v for k, v in metrics.items() if k.startswith("timing/"))
         parts.append(f"{seconds:.1f}s")
+        elapsed = time.perf_counter() - self._start
+        parts.append(f"elapsed {_clock(elapsed)}")
+        if self.total:
+            done = step - self._first + 1
+            parts.append(f"eta {_clock(elapsed / done * max(self.total - step - 1, 0))}")
         sample = metrics.get("sample")
         if sample:
-            parts.append(f"sample={sample['completion'][:60]!r}→{sample['reward']:g}")
+            question = f"{sample['question']}  api {sample.get('api_answer')} → " if sample.get("question") else ""
+            parts.append(f"| {question}{sample['completion'][:60]!r} reward {sample['reward']:g}")
         print("  ".join(parts), file=self.stream or sys.stdout, flush=True)
+
+
+def _clock(seconds: float) -> str:
+    """``m:ss`` or ``h:mm:ss``."""
+    minutes, secs = divmod(int(seconds + 0.5), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
 class TensorBoardSink:
@@ -72,11 +94,13 @@ class TensorBoardSink:
         self.writer.close()
 
 
-def sinks_for(tracker: str, run: Path, name: str = "run", config: dict | None = None) -> "FanOut":
-    """The console plus what ``logging.tracker`` names: ``metrics.jsonl`` for every tracker but
-    ``none``, and TensorBoard, W&B or MLflow (rl/trackers.py; ``name`` and ``config`` describe
-    the run to them). On Ray the trainer adds cluster.metrics.RayMetricsSink."""
-    sinks: list = [ConsoleSink()]
+def sinks_for(tracker: str, run: Path, name: str = "run", config: dict | None = None,
+              total_steps: int | None = None) -> "FanOut":
+    """The console (GRPO steps out of ``total_steps``) plus what ``logging.tracker`` names:
+    ``metrics.jsonl`` for every tracker but ``none``, and TensorBoard, W&B or MLflow
+    (rl/trackers.py; ``name`` and ``config`` describe the run to them). On Ray the trainer adds
+    cluster.metrics.RayMetricsSink."""
+    sinks: list = [ConsoleSink(phase="grpo", total=total_steps)]
     if tracker != "none":
         sinks.append(JsonlSink(Path(run) / "metrics.jsonl"))
     if tracker == "tensorboard":

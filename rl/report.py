@@ -162,9 +162,10 @@ def _breakdowns(after: dict, before: dict | None) -> list[str]:
         lines += _table(["verdict", *(f"{s}: n (right)" for s in scopes)],
                         [[v] + [f"{after['verdicts'][s][v]['n']} ({after['verdicts'][s][v]['correct']})"
                                 for s in scopes] for v in VERDICTS])
-        lines += ["Errors: `no_answer` (no readable final answer), `echo_api` (the API's answer, accepted or "
-                  "copied), `echo_operand` (a number of the expression), `arithmetic` (any other number).", ""]
-        lines += _table(["error", *scopes], [[k] + [after["errors"][s][k] for s in scopes]
+        lines += ["Errors: `no_answer` (no readable final answer), `misread_symbol` (the value with a custom "
+                  "symbol read as another operation), `echo_api` (the API's answer, accepted or copied), "
+                  "`echo_operand` (a number of the expression), `arithmetic` (any other number).", ""]
+        lines += _table(["error", *scopes], [[k] + [after["errors"][s].get(k, "–") for s in scopes]
                                              for k in ("wrong", *ERROR_KINDS)])
     if "boundary" in after:
         raw, cut = after["boundary"]["raw"], after["boundary"]["stop_aware"]

@@ -193,7 +193,7 @@ def _stages(config, run: Path, parts) -> dict:
     start_step, position = resume_sft(config, manager, parts.engine, parts.learner)
     if start_step == 0:
         (run / "sft_metrics.jsonl").unlink(missing_ok=True)
-    sink = FanOut(ConsoleSink(), JsonlSink(run / "sft_metrics.jsonl"))
+    sink = FanOut(ConsoleSink(phase="sft"), JsonlSink(run / "sft_metrics.jsonl"))
     results: dict = {"run_dir": str(run), "resumed_from_step": start_step}
     start = time.perf_counter()
     if start_step == 0 and config.eval.at_start:

@@ -241,7 +241,10 @@ def _train_and_evaluate(config, run: Path, parts: Parts, train_tasks, test_tasks
         filter_zero_variance=algo.filter_zero_variance, max_refill_rounds=algo.max_refill_rounds,
         seed=config.data.seed, time_budget_s=algo.max_train_seconds, stall_steps=config.logging.stall_steps,
         max_policy_lag=algo.async_off_policy_steps, shuffle=config.data.shuffle)
-    sink = sinks_for(config.logging.tracker, run, config.logging.name, dataclasses.asdict(config))
+    from rl.curriculum import resolve_stages
+
+    total = sum(s.steps for s in resolve_stages(config)) if config.curriculum else algo.steps  # an upper bound
+    sink = sinks_for(config.logging.tracker, run, config.logging.name, dataclasses.asdict(config), total)
     if config.cluster.mode == "ray":
         from cluster.metrics import RayMetricsSink
         from rl.metrics import FanOut
@@ -299,7 +302,7 @@ def _sft_stage(config, run: Path, tokenizer, items, engine, learner) -> dict:
         batches = standard_batches(groups, sft.batch_size, data.seed)
     budget = config.algorithm.max_train_seconds
     start = time.perf_counter()
-    sink = FanOut(ConsoleSink(), JsonlSink(run / "sft_metrics.jsonl"))
+    sink = FanOut(ConsoleSink(phase="sft warm-start", total=sft.steps), JsonlSink(run / "sft_metrics.jsonl"))
     (run / "sft_metrics.jsonl").unlink(missing_ok=True)
     history = run_sft(learner, batches, sft.steps, sink.log,
                       out_of_time=lambda: budget is not None and time.perf_counter() - start >= budget)

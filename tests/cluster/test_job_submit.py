@@ -100,7 +100,7 @@ def test_job_trains_and_a_sigkilled_driver_resumes_exactly(ray_head, tmp_path):
     job = _submit(address, env, tmp_path / "whole.log", f"whole-{os.getpid()}", *common, f"logging.run_dir={whole}")
     status, logs = _wait(job), (tmp_path / "whole.log").read_text(errors="replace")
     assert status == "SUCCEEDED", logs[-4000:]
-    assert "placement:" in logs and "step    1" in logs and "SFT warm-start: 2 steps" in logs
+    assert "placement:" in logs and "grpo 2/4" in logs and "sft warm-start 2/2" in logs and "SFT warm-start: 2 steps" in logs
     results = json.loads((whole / "results.json").read_text())
     assert results["steps"] == 4 and results["after"]["overall"]["total"] == 2
     assert results["sft"]["steps"] == 2 and (whole / "sft" / "adapter" / "adapter_config.json").exists()

@@ -107,14 +107,20 @@ def test_decisions_and_verdicts():
 
 def test_error_kinds():
     rows = make_rows()
-    assert errors(rows) == {"wrong": 6, "echo_api": 1, "echo_operand": 1, "arithmetic": 1, "no_answer": 3}
+    assert errors(rows) == {"wrong": 6, "misread_symbol": 0, "echo_api": 1, "echo_operand": 1, "arithmetic": 1,
+                            "no_answer": 3}
     assert summarize(rows)["errors"]["custom"] == {
-        "wrong": 4, "echo_api": 1, "echo_operand": 1, "arithmetic": 1, "no_answer": 1}
+        "wrong": 4, "misread_symbol": 0, "echo_api": 1, "echo_operand": 1, "arithmetic": 1, "no_answer": 1}
 
 
 @pytest.mark.parametrize("answer, api, expression, kind", [
     (None, 5, "2 θ 3", "no_answer"),
     (Fraction(12), 12, "12 θ 5", "echo_api"),      # the API restated the first operand: the API wins
+    (Fraction(60), 60, "12 θ 5", "misread_symbol"),  # θ read as × by the API, kept by the adapter
+    (Fraction(7), 17, "12 θ 5", "misread_symbol"),   # θ read as − by the adapter
+    (Fraction(60), None, "2 γ 5 θ 2 γ 3", "misread_symbol"),  # θ as ×: 2·5·2·3 (the truth is 16)
+    (Fraction(37), 3, "12 θ 5 β 5", "misread_symbol"),  # β as ×: 12 + 25 (the truth is 13)
+    (Fraction(8), 8, "12 - 5", "echo_api"),          # standard symbols cannot be misread
     (Fraction(5), 3, "12 θ 5", "echo_operand"),
     (Fraction(6), None, "12 θ 5", "arithmetic"),
     (Fraction(-5), 3, "12 θ 5", "arithmetic"),       # a sign is not an operand
@@ -178,7 +184,7 @@ def test_format_table_prints_the_seeds_table_then_the_breakdowns():
     assert ("decisions: kept a correct API answer 2, fixed a wrong one 1, broke a correct one 2, "
             "left a wrong one 4") in table
     assert "verdicts:  CORRECT 4 (2 right), override 3 (1 right), none 2 (0 right)" in table
-    assert "errors (6 wrong): echo API 1, echo operand 1, arithmetic 1, no answer 3" in table
+    assert "errors (6 wrong): misread symbol 0, echo API 1, echo operand 1, arithmetic 1, no answer 3" in table
 
 
 # --- evaluate_items through a scripted engine ------------------------------------------
