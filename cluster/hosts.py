@@ -204,7 +204,7 @@ class UpstreamHost:
                                      max_requests=max_requests)
 
     async def answer_all(self, requests) -> list:
-        return await self.client.answer_all(requests)
+        return await self.client.answer_all_with_progress(list(requests))
 
     def tally(self) -> dict:
         return dict(vars(self.client.tally))

@@ -31,6 +31,7 @@ samples (their accuracy estimates pass@1) and ``summary["samples"]`` adds pass@k
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections import Counter
 from dataclasses import asdict, dataclass, fields
@@ -60,6 +61,8 @@ DECISION_LABELS = {"kept_correct_api": "kept a correct API answer", "fixed_wrong
 VERDICTS = ("CORRECT", "override", "none")
 BOUNDARY_COUNTS = ("exact", "strict_final_line", "trailing_text", "final_format", "missing")
 _CATEGORY_ORDER = ("custom", "standard", "gsm8k")
+PROGRESS_CHUNK = 50
+"""Items per engine call when evaluation shows its progress."""
 
 
 @dataclass(frozen=True)
@@ -215,17 +218,30 @@ def build_row(uid: str, category: str, completion: str, example: Example, reward
 
 
 def evaluate_items(engine: RolloutEngine, items: Sequence, sampling: SamplingParams, reward: str = "binary",
-                   n_samples: int = 1, symbols: SymbolMap = SEED_SYMBOLS) -> tuple[dict, list[EvalRow]]:
+                   n_samples: int = 1, symbols: SymbolMap = SEED_SYMBOLS,
+                   progress: str | None = None) -> tuple[dict, list[EvalRow]]:
     """``n_samples`` completions per item; ``(summary, rows)``. ``items`` are ``rl.loop.TrainItem``.
 
     ``n_samples > 1`` is for pass@k and needs sampling (temperature > 0): greedy samples
-    would all be the same.
+    would all be the same. ``progress``: a label; the items then go to the engine in chunks of
+    :data:`PROGRESS_CHUNK` and ``label: done/total`` is printed as they finish (a seeded
+    sampling call gives other samples in chunks than in one call; greedy gives the same).
     """
     if n_samples < 1:
         raise ValueError(f"n_samples must be >= 1, got {n_samples}")
     if n_samples > 1 and sampling.temperature == 0:
         raise ValueError("n_samples > 1 needs temperature > 0 (greedy samples are identical)")
-    completions = engine.generate([item.prompt for item in items], n_samples, sampling)
+    prompts = [item.prompt for item in items]
+    if progress is None:
+        completions = engine.generate(prompts, n_samples, sampling)
+    else:
+        from rl.metrics import Progress
+
+        shown, completions = Progress(progress, len(prompts)), []
+        for start in range(0, len(prompts), PROGRESS_CHUNK):
+            chunk = engine.generate(prompts[start: start + PROGRESS_CHUNK], n_samples, sampling)
+            completions += [dataclasses.replace(c, prompt_index=c.prompt_index + start) for c in chunk]
+            shown.update(min(start + PROGRESS_CHUNK, len(prompts)), " items")
     rows = []
     for completion in completions:
         item = items[completion.prompt_index]

@@ -69,6 +69,25 @@ class ConsoleSink:
         print("  ".join(parts), file=self.stream or sys.stdout, flush=True)
 
 
+class Progress:
+    """``label: done/total, elapsed m:ss, eta m:ss`` printed at each tenth of the way (and at the
+    end), for the long phases without steps: upstream answers, evaluation."""
+
+    def __init__(self, label: str, total: int, stream: TextIO | None = None, parts: int = 10):
+        self.label, self.total, self.stream, self.parts = label, total, stream, parts
+        self._start, self._shown = time.perf_counter(), 0
+
+    def update(self, done: int, note: str = "") -> None:
+        part = done * self.parts // max(self.total, 1)
+        if part <= self._shown and done < self.total or self._shown == self.parts:
+            return
+        self._shown = part
+        elapsed = time.perf_counter() - self._start
+        eta = f", eta {_clock(elapsed / done * (self.total - done))}" if 0 < done < self.total else ""
+        print(f"{self.label}: {done}/{self.total}{note}, elapsed {_clock(elapsed)}{eta}",
+              file=self.stream or sys.stdout, flush=True)
+
+
 def _clock(seconds: float) -> str:
     """``m:ss`` or ``h:mm:ss``."""
     minutes, secs = divmod(int(seconds + 0.5), 60)

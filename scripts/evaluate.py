@@ -217,7 +217,8 @@ def evaluate_subject(config, settings, tasks, api_answers, samples: int, device:
             items, reward = gsm8k_items(engine.tokenizer, tasks), "gsm8k_exact"
         else:
             items, reward = _items(config, engine.tokenizer, tasks, api_answers), "binary"
-        return evaluate_items(engine, items, _sampling(config, evaluation=True), reward, n_samples=samples)
+        return evaluate_items(engine, items, _sampling(config, evaluation=True), reward, n_samples=samples,
+                              progress=f"evaluating {settings.path or 'the base model'}")
     finally:
         del engine
         gc.collect()

@@ -46,7 +46,8 @@ def _evaluate(engine, items, config, run: Path, label: str):
     from rl.evaluation import evaluate_items, format_table
     from scripts.train import _sampling
 
-    summary, rows = evaluate_items(engine, items, _sampling(config, evaluation=True), reward="gsm8k_exact")
+    summary, rows = evaluate_items(engine, items, _sampling(config, evaluation=True), reward="gsm8k_exact",
+                                   progress=f"eval {label}")
     with (run / f"eval_{label}.jsonl").open("w", encoding="utf-8") as handle:
         for row in rows:
             handle.write(json.dumps(vars(row)) + "\n")

@@ -93,7 +93,7 @@ def _answer_in_process(config, run: Path, requests, spent: list[int]) -> list:
 
     async def answer_all():
         try:
-            return await client.answer_all(requests)
+            return await client.answer_all_with_progress(list(requests))
         finally:
             await client.aclose()
 
@@ -168,7 +168,7 @@ def _sampling(config, evaluation: bool):
 def _evaluate(engine, items, config, run: Path, label: str) -> dict:
     from rl.evaluation import evaluate_items, format_table
 
-    summary, rows = evaluate_items(engine, items, _sampling(config, evaluation=True))
+    summary, rows = evaluate_items(engine, items, _sampling(config, evaluation=True), progress=f"eval {label}")
     with (run / f"eval_{label}.jsonl").open("w", encoding="utf-8") as handle:
         for row in rows:
             handle.write(json.dumps(vars(row)) + "\n")

@@ -189,6 +189,19 @@ class UpstreamClient:
             raise UpstreamBudgetExceeded(over[0].limit, len(over))
         return results
 
+    async def answer_all_with_progress(self, requests: list[UpstreamRequest], label: str = "upstream"):
+        """:meth:`answer_all`, printing ``label: n/total (c from the cache)`` as answers arrive."""
+        from rl.metrics import Progress
+
+        progress, cached = Progress(label, len(requests)), [0, 0]
+
+        def on_answer(index: int, answer: UpstreamAnswer) -> None:
+            cached[0] += 1
+            cached[1] += answer.cached
+            progress.update(cached[0], f" answers ({cached[1]} from the cache)")
+
+        return await self.answer_all(requests, on_answer)
+
     async def aclose(self) -> None:
         await self.provider.aclose()
 

@@ -1,13 +1,15 @@
-"""One contract suite, two engines: ``hf`` and ``vllm`` on the embedded model, fp32, CPU.
+"""One contract suite, three engines: ``hf``, ``vllm`` (an adapter version per LoRA id) and
+``vllm-merged`` (the LoRA merged into the weights), on the embedded model, fp32, CPU.
 
 Each engine is built from a config (``cluster.build.engine_spec``) with a LoRA shape that is not
-the default (rank 8, alpha 24, three of the seven projections), and must agree with the
-reference: transformers + PEFT with the same adapter, greedy ``generate`` one prompt at a time,
-and the learner's own log-prob functions (``completion_logits`` + ``token_logprobs``). The
-prompts carry a ~140-token system message, so with vLLM they fill a whole KV block (128 tokens) and its prefix
-cache is in play: an engine that served a new adapter version from stale cached blocks fails
-here. vLLM runs in this process (single-process mode) when it is installed; scripts/install.sh
-installs it on CPU machines, so CI runs both.
+the default (rank 8, alpha 24, three of the seven projections: tests/actors/engine_contract.py),
+and must agree with the reference: transformers + PEFT with the same adapter (greedy
+``generate``, the prompts left-padded) and the learner's own log-prob functions
+(``completion_logits`` + ``token_logprobs``). The prompts carry a ~140-token system message, so
+with vLLM they fill a whole KV block (128 tokens) and its prefix cache is in play: an engine that
+served a new adapter version from stale cached blocks fails here. vLLM runs in this process
+(single-process mode) when it is installed; scripts/install.sh installs it on CPU machines, so
+CI runs all three.
 """
 
 from __future__ import annotations
@@ -17,29 +19,18 @@ import importlib.util
 import pytest
 import torch
 
-from actors.models import load_causal_lm, load_tokenizer
-from rl.config import load_config
-from rl.records import Prompt, SamplingParams
+from actors.models import load_tokenizer
+from rl.records import SamplingParams
+
+from tests.actors.engine_contract import (GREEDY, SAMPLED, TARGETS, engine_config, learner_logprobs, lora_shapes,
+                                          random_versions, reference_model, render_prompts, set_adapter)
 
 pytestmark = pytest.mark.slow
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 NEEDS_VLLM = pytest.mark.skipif(not HAS_VLLM, reason="vLLM not installed")
 ENGINES = ["hf", pytest.param("vllm", marks=NEEDS_VLLM), pytest.param("vllm-merged", marks=NEEDS_VLLM)]
-TARGETS = ("q_proj", "v_proj", "down_proj")
-LORA = [f"lora.rank=8", "lora.alpha=24", f"lora.target_modules=[{', '.join(TARGETS)}]"]
-SYSTEM = "You check arithmetic. Read the expression, then answer with one number. " * 9  # > 128 tokens
-QUESTIONS = ["Expression: 7 θ 5 | API answer: 12 →", "Expression: 9 γ 3 | API answer: 24 →", "What is 17 * 23?"]
 VERSIONS = 8
-GREEDY = SamplingParams(max_new_tokens=8, temperature=0.0)
-SAMPLED = SamplingParams(max_new_tokens=8, temperature=0.8, seed=11)
-
-
-def _config(engine: str):
-    engine, _, mode = engine.partition("-")
-    return load_config(None, [f"rollout.engine={engine}", *([f"rollout.vllm_adapter_mode={mode}"] if mode else []),
-                              "rollout.temperature=0.8", "rollout.max_new_tokens=16",
-                              "rollout.max_prompt_tokens=512", "eval.max_new_tokens=16", *LORA])
 
 
 @pytest.fixture(scope="module")
@@ -49,38 +40,17 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def prompts(tokenizer):
-    def render(q):
-        text = tokenizer.apply_chat_template([{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}],
-                                             tokenize=False, add_generation_prompt=True)
-        return Prompt(tokenizer(text, add_special_tokens=False)["input_ids"], text)
-
-    return [render(q) for q in QUESTIONS]
+    return render_prompts(tokenizer)
 
 
 @pytest.fixture(scope="module")
 def reference():
-    """transformers + PEFT with the configured LoRA: what every engine must reproduce."""
-    from peft import LoraConfig, get_peft_model
-
-    base = load_causal_lm("embedded", dtype=torch.float32)
-    return get_peft_model(base, LoraConfig(r=8, lora_alpha=24, target_modules=list(TARGETS),
-                                           task_type="CAUSAL_LM")).eval()
+    return reference_model()
 
 
 @pytest.fixture(scope="module")
 def versions(reference):
-    """VERSIONS random adapters (B non-zero, so each changes what the model says)."""
-    from peft import get_peft_model_state_dict
-
-    shapes = {k: v.shape for k, v in get_peft_model_state_dict(reference).items()}
-    gen = torch.Generator().manual_seed(0)
-    return [{k: torch.randn(s, generator=gen) * 0.05 for k, s in shapes.items()} for _ in range(VERSIONS)]
-
-
-def _set(reference, tensors):
-    from peft import set_peft_model_state_dict
-
-    set_peft_model_state_dict(reference, tensors)
+    return random_versions(reference, VERSIONS)
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +63,7 @@ def expected(reference, versions, prompts, tokenizer):
     out = []
     with torch.no_grad():
         for tensors in versions:
-            _set(reference, tensors)
+            set_adapter(reference, tensors)
             y = reference.generate(input_ids=ids, attention_mask=mask, do_sample=False, pad_token_id=pad,
                                    max_new_tokens=GREEDY.max_new_tokens)
             out.append([_until_eos(row[width:].tolist(), tokenizer.eos_token_id) for row in y])
@@ -111,27 +81,14 @@ def engine(request):
     from cluster.build import engine_spec
 
     threads = torch.get_num_threads()
-    built = build_engine(*engine_spec(_config(request.param)))
+    built = build_engine(*engine_spec(engine_config(request.param)))
     assert torch.get_num_threads() == threads  # vLLM must leave the process's threads alone
     yield built
     getattr(built, "close", lambda: None)()
 
 
-def _learner_logprobs(reference, prompt, completions, temperature):
-    """What the learner computes for these tokens (actors/learner.py's two functions)."""
-    from actors.shared_prefix import RowBatch, completion_logits
-    from rl.grpo import token_logprobs
-
-    batch = RowBatch.build([prompt.token_ids], [0] * len(completions), completions)
-    tokens, _ = batch.completion_tokens("cpu", 0)
-    with torch.no_grad():
-        return token_logprobs(completion_logits(reference, batch, 0, True), tokens, temperature)
-
-
 def test_lora_shape_comes_from_the_config(engine, reference):
-    from peft import get_peft_model_state_dict
-
-    want = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(reference).items()}
+    want = lora_shapes(reference)
     assert {k: tuple(v.shape) for k, v in engine.adapter_state().items()} == want
     assert all(any(f".{t}." in k for t in TARGETS) for k in want)
 
@@ -156,14 +113,14 @@ def test_an_update_between_identical_requests_changes_the_answer_as_it_must(engi
 
 def test_sampled_logprobs_are_the_learners(engine, versions, reference, prompts):
     engine.update_adapter(7, versions[2])
-    _set(reference, versions[2])
+    set_adapter(reference, versions[2])
     got = engine.generate(prompts[:2], 4, SAMPLED)
     assert [(c.prompt_index, c.sample_index) for c in got] == [(i, s) for i in range(2) for s in range(4)]
     assert len({tuple(c.token_ids) for c in got}) > 2  # n samples, not one repeated
     worst = 0.0
     for i, prompt in enumerate(prompts[:2]):
         rows = [c for c in got if c.prompt_index == i]
-        learner = _learner_logprobs(reference, prompt, [c.token_ids for c in rows], SAMPLED.temperature)
+        learner = learner_logprobs(reference, prompt, [c.token_ids for c in rows], SAMPLED.temperature)
         for r, c in enumerate(rows):
             diff = (learner[r, : len(c.logprobs)] - torch.tensor(c.logprobs)).abs().max().item()
             worst = max(worst, diff)

@@ -34,9 +34,11 @@ import statistics
 import pytest
 import torch
 
-from actors.models import load_causal_lm, load_tokenizer
-from rl.config import load_config
-from rl.records import Prompt, SamplingParams
+from actors.models import load_tokenizer
+from rl.records import SamplingParams
+
+from tests.actors.engine_contract import (GREEDY, SAMPLED, engine_config, learner_logprobs, lora_shapes,
+                                          random_versions, reference_model, render_prompts, set_adapter)
 
 DEVICE = os.environ.get("API_ADAPTER_CONTRACT_DEVICE", "cuda")
 DTYPE = os.environ.get("API_ADAPTER_CONTRACT_DTYPE", "bfloat16")
@@ -53,14 +55,7 @@ HAS_VLLM = importlib.util.find_spec("vllm") is not None
 ENGINES = [pytest.param(e, marks=pytest.mark.skipif(e.startswith("vllm") and not HAS_VLLM,
                                                     reason="vLLM not installed"))
            for e in ("hf", "vllm", "vllm-merged") if e in SELECTED]
-TARGETS = ("q_proj", "v_proj", "down_proj")
-LORA = ["lora.rank=8", "lora.alpha=24", f"lora.target_modules=[{', '.join(TARGETS)}]"]
-# As the fp32 suite's: > 128 tokens fill a KV block on the CPU too (16-token blocks on a GPU).
-SYSTEM = "You check arithmetic. Read the expression, then answer with one number. " * 9
-QUESTIONS = ["Expression: 7 θ 5 | API answer: 12 →", "Expression: 9 γ 3 | API answer: 24 →", "What is 17 * 23?"]
 VERSIONS = 4
-GREEDY = SamplingParams(max_new_tokens=8, temperature=0.0)
-SAMPLED = SamplingParams(max_new_tokens=8, temperature=0.8, seed=11)
 VLLM_MEMORY = 0.25  # vLLM's share of the card; the hf engine and the reference share the rest
 VLLM_KV_GIB = 1.0
 
@@ -75,22 +70,14 @@ MAX_LOGPROB_DIFF = 1.0
 MIN_REPRODUCIBLE = 0.5
 
 
-def _config(engine: str):
-    kind = "vllm" if engine.startswith("vllm") else "hf"
-    extra = [f"rollout.vllm_kv_cache_gib={VLLM_KV_GIB}"] if kind == "vllm" else []
-    if engine == "vllm-merged":
-        extra.append("rollout.vllm_adapter_mode=merged")
-    return load_config(None, [f"rollout.engine={kind}", f"model.dtype={DTYPE}", "rollout.temperature=0.8",
-                              "rollout.max_new_tokens=16", "rollout.max_prompt_tokens=512",
-                              "eval.max_new_tokens=16", *LORA, *extra])
-
-
 def _build(engine: str):
     from actors.engines import build_engine
     from cluster.build import engine_spec
 
-    memory = VLLM_MEMORY if DEVICE == "cuda" and engine.startswith("vllm") else None
-    return build_engine(*engine_spec(_config(engine), DEVICE, memory))
+    vllm = engine.startswith("vllm")
+    kv_cache = [f"rollout.vllm_kv_cache_gib={VLLM_KV_GIB}"] if vllm else []
+    config = engine_config(engine, f"model.dtype={DTYPE}", *kv_cache)
+    return build_engine(*engine_spec(config, DEVICE, VLLM_MEMORY if DEVICE == "cuda" and vllm else None))
 
 
 @pytest.fixture(scope="module")
@@ -113,39 +100,18 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def prompts(tokenizer):
-    def render(q):
-        text = tokenizer.apply_chat_template([{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}],
-                                             tokenize=False, add_generation_prompt=True)
-        return Prompt(tokenizer(text, add_special_tokens=False)["input_ids"], text)
-
-    return [render(q) for q in QUESTIONS]
+    return render_prompts(tokenizer)
 
 
 @pytest.fixture(scope="module")
 def reference():
-    """transformers + PEFT with the configured LoRA, in the engines' dtype on their device."""
-    from peft import LoraConfig, get_peft_model
-
-    base = load_causal_lm("embedded", dtype=getattr(torch, DTYPE), device=DEVICE)
-    return get_peft_model(base, LoraConfig(r=8, lora_alpha=24, target_modules=list(TARGETS),
-                                           task_type="CAUSAL_LM")).to(DEVICE).eval()
+    """The reference in the engines' dtype on their device."""
+    return reference_model(getattr(torch, DTYPE), DEVICE)
 
 
 @pytest.fixture(scope="module")
 def versions(reference):
-    """VERSIONS random adapters (B non-zero, so each changes what the model says), on the CPU
-    in float32, as the learner exports them."""
-    from peft import get_peft_model_state_dict
-
-    shapes = {k: v.shape for k, v in get_peft_model_state_dict(reference).items()}
-    gen = torch.Generator().manual_seed(0)
-    return [{k: torch.randn(s, generator=gen) * 0.05 for k, s in shapes.items()} for _ in range(VERSIONS)]
-
-
-def _set(reference, tensors):
-    from peft import set_peft_model_state_dict
-
-    set_peft_model_state_dict(reference, tensors)
+    return random_versions(reference, VERSIONS)
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +120,7 @@ def expected(reference, versions, prompts):
     out = []
     with torch.no_grad():
         for tensors in versions:
-            _set(reference, tensors)
+            set_adapter(reference, tensors)
             rows = []
             for p in prompts:
                 x = torch.tensor([p.token_ids], device=DEVICE)
@@ -204,22 +170,8 @@ def agreement(got: list[list[int]], want: list[list[int]]) -> dict:
             "prefix": round(statistics.fmean(common(a, b) for a, b in zip(got, want)), 4)}
 
 
-def _learner_logprobs(reference, prompt, completions, temperature):
-    """What the learner computes for these tokens (actors/learner.py's two functions)."""
-    from actors.shared_prefix import RowBatch, completion_logits
-    from rl.grpo import token_logprobs
-
-    batch = RowBatch.build([prompt.token_ids], [0] * len(completions), completions)
-    tokens, _ = batch.completion_tokens(DEVICE, 0)
-    with torch.no_grad():
-        return token_logprobs(completion_logits(reference, batch, 0, True), tokens, temperature).float().cpu()
-
-
 def test_lora_shape_comes_from_the_config(engine, reference):
-    from peft import get_peft_model_state_dict
-
-    want = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(reference).items()}
-    assert {k: tuple(v.shape) for k, v in engine.adapter_state().items()} == want
+    assert {k: tuple(v.shape) for k, v in engine.adapter_state().items()} == lora_shapes(reference)
 
 
 def _greedy_per_version(engine, versions, prompts, first_version=1):
@@ -267,14 +219,14 @@ def test_an_update_between_identical_requests_serves_the_new_version(engine, ver
 
 def test_sampled_logprobs_are_close_to_the_learners(engine, versions, reference, prompts, record):
     engine.update_adapter(7, versions[2])
-    _set(reference, versions[2])
+    set_adapter(reference, versions[2])
     got = engine.generate(prompts[:2], 4, SAMPLED)
     assert [(c.prompt_index, c.sample_index) for c in got] == [(i, s) for i in range(2) for s in range(4)]
     assert len({tuple(c.token_ids) for c in got}) > 2  # n samples, not one repeated
     diffs = []
     for i, prompt in enumerate(prompts[:2]):
         rows = [c for c in got if c.prompt_index == i]
-        learner = _learner_logprobs(reference, prompt, [c.token_ids for c in rows], SAMPLED.temperature)
+        learner = learner_logprobs(reference, prompt, [c.token_ids for c in rows], SAMPLED.temperature, DEVICE)
         for r, c in enumerate(rows):
             diffs += (learner[r, : len(c.logprobs)] - torch.tensor(c.logprobs)).abs().tolist()
     again = engine.generate(prompts[:2], 4, SAMPLED)

@@ -221,6 +221,19 @@ def test_evaluate_items_greedy():
     assert "samples" not in summary
 
 
+def test_evaluate_items_in_chunks_with_progress_gives_the_same_rows(monkeypatch, capsys):
+    import rl.evaluation
+
+    engine = ScriptedEngine({f"prompt {uid}": [text] for uid, *_, text in CASES})
+    whole = evaluate_items(engine, _items(), SamplingParams(temperature=0.0))
+    monkeypatch.setattr(rl.evaluation, "PROGRESS_CHUNK", 4)  # 9 items: chunks of 4, 4, 1
+    chunked = evaluate_items(engine, _items(), SamplingParams(temperature=0.0), progress="eval before")
+    assert chunked == whole
+    printed = capsys.readouterr().out.splitlines()
+    assert [line.split(",")[0] for line in printed] == ["eval before: 4/9 items", "eval before: 8/9 items",
+                                                         "eval before: 9/9 items"]
+
+
 def test_evaluate_items_pass_at_k():
     texts = {f"prompt {uid}": [r"\boxed{0}", text] for uid, *_, text in CASES}  # sample 1 is the scripted one
     summary, rows = evaluate_items(ScriptedEngine(texts), _items(), SamplingParams(temperature=1.0), n_samples=2)

@@ -27,3 +27,16 @@ def test_without_a_total_there_is_no_eta():
 
 def test_clock():
     assert [_clock(s) for s in (0, 59.6, 61, 3600 + 62)] == ["0:00", "1:00", "1:01", "1:01:02"]
+
+
+def test_progress_prints_each_tenth_once_and_the_end():
+    from rl.metrics import Progress
+
+    out = io.StringIO()
+    progress = Progress("eval before", 20, out, parts=4)
+    for done in range(1, 21):
+        progress.update(done, f" ({done} cached)" if done == 20 else "")
+    lines = out.getvalue().splitlines()
+    assert [line.split(",")[0] for line in lines] == ["eval before: 5/20", "eval before: 10/20",
+                                                       "eval before: 15/20", "eval before: 20/20 (20 cached)"]
+    assert "eta" in lines[0] and "eta" not in lines[-1]
