@@ -161,22 +161,23 @@ class Chain:
     upstream: an :class:`~actors.upstream.UpstreamClient` (or a provider); the chain closes it
     in :meth:`close`, the client's cache stays the caller's. engine: a rollout engine
     (``generate`` and ``tokenizer``, e.g. :class:`actors.rollout_hf.HFRolloutEngine`).
-    condition / response_prefix / stop: as in the training run; max_new_tokens: the adapter's
-    cap (greedy); upstream_max_tokens: the upstream's reply cap (None: the seed's 64);
+    condition / response_prefix / stop / answer_format / thinking: as in the training run;
+    max_new_tokens: the adapter's cap (greedy); upstream_max_tokens: the upstream's reply cap
+    (None: the seed's 64);
     model / adapter: names reported by :meth:`describe`.
     """
 
     def __init__(self, upstream: Any, engine: Any, *, condition: str = "D", response_prefix: str = "",
                  max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, stop: Sequence[str] = (),
                  upstream_max_tokens: int | None = None, model: str | None = None,
-                 adapter: str | None = None, answer_format: str = "box") -> None:
+                 adapter: str | None = None, answer_format: str = "box", thinking: bool = False) -> None:
         if condition not in CONDITIONS:
             raise ValueError(f"condition {condition!r} is not one of {CONDITIONS}")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         self.upstream, self.engine = upstream, engine
         self.condition, self.response_prefix = condition, response_prefix or ""
-        self.answer_format = answer_format
+        self.answer_format, self.thinking = answer_format, thinking
         self.sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, stop=tuple(stop))
         self.upstream_max_tokens = upstream_max_tokens
         self.model, self.adapter = model, adapter
@@ -203,7 +204,8 @@ class Chain:
         start = time.perf_counter()
         replies = self._ask_upstream(checked)
         prompts = [adapter_prompt(self.engine.tokenizer, e, r.answer, self.condition,
-                                  response_prefix=self.response_prefix, answer_format=self.answer_format)
+                                  response_prefix=self.response_prefix, answer_format=self.answer_format,
+                                  thinking=self.thinking)
                    for e, r in zip(checked, replies)]
         completions = sorted(self.engine.generate(prompts, 1, self.sampling), key=lambda c: c.prompt_index)
         latency = time.perf_counter() - start
@@ -275,6 +277,7 @@ class AdapterSettings:
     upstream_max_tokens: int | None = None
     run_config: Path | None = None
     answer_format: str = "box"
+    thinking: bool = False
 
 
 def find_run_config(adapter: Path) -> Path | None:
@@ -327,7 +330,8 @@ def adapter_settings(adapter: str | Path | None, *, base_model: str | None = Non
         stop=tuple(config.rollout.stop if stop is None else stop),
         max_new_tokens=max_new_tokens or (config.eval.max_new_tokens if run_config else DEFAULT_MAX_NEW_TOKENS),
         upstream_max_tokens=upstream_max_tokens or (config.upstream.max_tokens if run_config else None),
-        run_config=run_config, answer_format=config.data.answer_format)
+        run_config=run_config, answer_format=config.data.answer_format,
+        thinking=config.model.chat_template_thinking)
 
 
 def build_engine(settings: AdapterSettings, *, device: str = "cpu"):
@@ -350,5 +354,5 @@ def chain_from_adapter(upstream: Any, adapter: str | Path | None, *, device: str
     return Chain(upstream, engine, condition=settings.condition, response_prefix=settings.response_prefix,
                  max_new_tokens=settings.max_new_tokens, stop=settings.stop,
                  upstream_max_tokens=settings.upstream_max_tokens, model=settings.base_model,
-                 answer_format=settings.answer_format,
+                 answer_format=settings.answer_format, thinking=settings.thinking,
                  adapter=None if settings.path is None else str(settings.path))

@@ -134,7 +134,8 @@ class Learner:
                  loss_aggregation: str = "token_mean", constant_normaliser: int | None = None,
                  tis_cap: float | None = 2.0, mask_truncated: bool = False,
                  temperature: float = 1.0, shared_prefix: bool = True, optimizer: str = "adamw",
-                 sft_steps: int = 0, sft_lr: float | None = None, device: str = "cpu", seed: int = 0):
+                 sft_steps: int = 0, sft_lr: float | None = None, device: str = "cpu", seed: int = 0,
+                 load_options: dict | None = None):
         if zero_stage not in (0, 1, 2):
             raise ValueError(f"zero_stage={zero_stage}: the learner supports ZeRO stages 0, 1, 2")
         if optimizer not in OPTIMIZERS:
@@ -167,7 +168,7 @@ class Learner:
         self.model_name = model_path
         module = self._build_model(model_path, lora_rank, lora_alpha, lora_dropout,
                                    tuple(target_modules), use_rslora, init_adapter,
-                                   gradient_checkpointing)
+                                   gradient_checkpointing, load_options or {})
         self.pad_id = int(module.config.pad_token_id or 0)
         opt = self._optimizer(optimizer, module, lr=lr, betas=tuple(betas), eps=eps,
                               weight_decay=weight_decay)
@@ -195,10 +196,10 @@ class Learner:
 
     # ---------------------------------------------------------------- construction
     def _build_model(self, model_path, rank, alpha, dropout, targets, use_rslora, init_adapter,
-                     gradient_checkpointing):
+                     gradient_checkpointing, load_options):
         from peft import LoraConfig, PeftModel, get_peft_model
 
-        base = load_causal_lm(model_path, dtype=self.dtype, device=self.device)
+        base = load_causal_lm(model_path, dtype=self.dtype, device=self.device, **load_options)
         if gradient_checkpointing:
             base.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -39,7 +39,8 @@ def peft_config(rank: int, alpha: float, targets: Sequence[str] | str, *, dropou
             "init_lora_weights": True, "modules_to_save": None}
 
 
-def lora_shapes(model_folder: str | os.PathLike[str], config: dict) -> dict[str, tuple[int, ...]]:
+def lora_shapes(model_folder: str | os.PathLike[str], config: dict,
+                trust_remote_code: bool = False) -> dict[str, tuple[int, ...]]:
     """Every LoRA tensor's name and shape for the model in ``model_folder`` under ``config``
     (:func:`peft_config`), from a weightless (meta-device) copy of the model."""
     from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
@@ -48,7 +49,8 @@ def lora_shapes(model_folder: str | os.PathLike[str], config: dict) -> dict[str,
     lora = LoraConfig(r=config["r"], lora_alpha=config["lora_alpha"], target_modules=config["target_modules"],
                       task_type="CAUSAL_LM")
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_folder))
+        model_config = AutoConfig.from_pretrained(model_folder, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_config(model_config, trust_remote_code=trust_remote_code)
         state = get_peft_model_state_dict(get_peft_model(model, lora))
     return {name: tuple(t.shape) for name, t in state.items()}
 

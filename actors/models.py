@@ -343,13 +343,13 @@ def resolve_dtype(name: str, device: str | torch.device) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def load_tokenizer(path: str | os.PathLike[str]) -> Any:
+def load_tokenizer(path: str | os.PathLike[str], trust_remote_code: bool = False) -> Any:
     """The tokenizer of a model (``"embedded"`` or a folder), with a pad token (eos when it has
     none). Padding side is left as saved (right for SmolLM2); set ``padding_side = "left"`` for
     batched generation -- that is the caller's business."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(path))
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(path), trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -359,12 +359,19 @@ def load_causal_lm(
     path: str | os.PathLike[str],
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
+    attn_implementation: str = "auto",
+    trust_remote_code: bool = False,
 ) -> Any:
     """A causal LM from ``"embedded"`` or a local folder, in ``dtype`` on ``device``, in eval
-    mode. ``pad_token_id`` is set (to eos) in its config and generation config when missing."""
+    mode. ``pad_token_id`` is set (to eos) in its config and generation config when missing.
+    ``attn_implementation`` ``auto`` lets transformers pick; ``trust_remote_code`` lets the
+    folder's own model code run (the config keys of the same names)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(path), dtype=dtype)
+    options: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if attn_implementation != "auto":
+        options["attn_implementation"] = attn_implementation
+    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(path), dtype=dtype, **options)
     model.to(device)
     model.eval()
     for cfg in (model.config, model.generation_config):

@@ -75,7 +75,8 @@ class HFRolloutEngine:
     target_modules: module names for the LoRA (or ``"all-linear"``); init_adapter: a PEFT adapter
     folder (``adapter_model.safetensors``) or a state dict, loaded as version 0;
     max_batch_tokens: KV-cache budget of one decode chunk; prefix_reuse: prefill each distinct
-    prompt once (True) or once per row (False, for tests).
+    prompt once (True) or once per row (False, for tests); load_options: ``attn_implementation``
+    and ``trust_remote_code`` for :func:`actors.models.load_causal_lm`.
     """
 
     def __init__(
@@ -84,13 +85,15 @@ class HFRolloutEngine:
         init_adapter: str | os.PathLike[str] | dict[str, Tensor] | None = None,
         device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
         max_batch_tokens: int = 32768, seed: int = 0, prefix_reuse: bool = True,
+        load_options: dict | None = None,
     ) -> None:
         from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 
         path = resolve_model_path(model_path)
         self.device = torch.device(device)
-        self.tokenizer = load_tokenizer(path)
-        base = load_causal_lm(path, dtype=dtype, device=self.device)
+        load_options = load_options or {}
+        self.tokenizer = load_tokenizer(path, load_options.get("trust_remote_code", False))
+        base = load_causal_lm(path, dtype=dtype, device=self.device, **load_options)
         lora = LoraConfig(
             r=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_rslora=use_rslora,
             target_modules=target_modules if isinstance(target_modules, str) else list(target_modules),

@@ -82,7 +82,8 @@ class VLLMRolloutEngine:
     version 0; device: ``cpu`` or ``cuda``; dtype: the base weights' dtype; max_model_len: the
     longest prompt + completion served; kv_cache_gib: KV-cache size (None: 1 GiB on CPU, on a
     GPU what ``gpu_memory_utilization`` leaves); logprobs_mode: :func:`rl.interfaces.vllm_logprobs_mode` of
-    the run's sampling settings (:func:`rl.interfaces.vllm_logprobs_mode`); adapter_mode: ``lora`` or ``merged``.
+    the run's sampling settings; adapter_mode: ``lora`` or ``merged``; trust_remote_code: let the
+    model folder's own code run (tokenizer, vLLM).
     """
 
     def __init__(
@@ -92,7 +93,7 @@ class VLLMRolloutEngine:
         device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0,
         max_model_len: int = 2048, kv_cache_gib: float | None = None,
         gpu_memory_utilization: float | None = None, logprobs_mode: str = "processed_logprobs",
-        adapter_mode: str = "lora",
+        adapter_mode: str = "lora", trust_remote_code: bool = False,
     ) -> None:
         require_vllm()
         if adapter_mode not in ADAPTER_MODES:
@@ -101,13 +102,14 @@ class VLLMRolloutEngine:
             os.environ.setdefault(key, value)
         path = resolve_model_path(model_path)
         self.device = torch.device(device)
-        self.tokenizer = load_tokenizer(path)
+        self.tokenizer = load_tokenizer(path, trust_remote_code)
         self.adapter_mode, self.logprobs_mode = adapter_mode, logprobs_mode
         self._config = peft_config(lora_rank, lora_alpha, target_modules, dropout=lora_dropout,
                                    use_rslora=use_rslora, base_model=str(path))
-        self._shapes = lora_shapes(path, self._config)
+        self._shapes = lora_shapes(path, self._config, trust_remote_code)
         self.llm = _build_llm(path, self.device, dtype, seed, max_model_len, kv_cache_gib,
-                              gpu_memory_utilization, logprobs_mode, lora_rank if adapter_mode == "lora" else 0)
+                              gpu_memory_utilization, logprobs_mode, lora_rank if adapter_mode == "lora" else 0,
+                              trust_remote_code)
         self._adapters = _adapter_folder()
         self._ids = itertools.count(1)
         self._request = None
@@ -210,7 +212,7 @@ class VLLMRolloutEngine:
 
 def _build_llm(path: Path, device: torch.device, dtype: torch.dtype, seed: int, max_model_len: int,
                kv_cache_gib: float | None, gpu_memory_utilization: float | None, logprobs_mode: str,
-               lora_rank: int) -> Any:
+               lora_rank: int, trust_remote_code: bool) -> Any:
     """One in-process ``vllm.LLM``; ``lora_rank`` 0: no LoRA support (the merged mode)."""
     from vllm import LLM
 
@@ -230,7 +232,7 @@ def _build_llm(path: Path, device: torch.device, dtype: torch.dtype, seed: int, 
     try:
         return LLM(model=str(path), dtype=str(dtype).removeprefix("torch."), seed=seed,
                    max_model_len=max_model_len, distributed_executor_backend="uni",
-                   logprobs_mode=logprobs_mode, **lora, **memory)
+                   logprobs_mode=logprobs_mode, trust_remote_code=trust_remote_code, **lora, **memory)
     finally:
         torch.set_num_threads = set_num_threads
 

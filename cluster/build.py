@@ -37,14 +37,17 @@ def engine_spec(config, device: str = "cpu", gpu_memory_utilization: float | Non
     r = config.rollout
     kwargs = dict(model_path=config.model.name_or_path, **_lora(config), use_rslora=config.lora.use_rslora,
                   seed=r.seed, device=device, dtype=resolve_dtype(config.model.dtype, device))
-    if r.engine == "vllm":
+    if r.engine == "hf":
+        kwargs["load_options"] = load_options(config)
+    else:
         from rl.interfaces import vllm_logprobs_mode
 
         longest = max([r.max_new_tokens, config.eval.max_new_tokens] +
                       [s.max_new_tokens for s in config.curriculum if s.max_new_tokens is not None])
         kwargs.update(max_model_len=r.max_prompt_tokens + longest, kv_cache_gib=r.vllm_kv_cache_gib,
                       gpu_memory_utilization=gpu_memory_utilization, adapter_mode=r.vllm_adapter_mode,
-                      logprobs_mode=vllm_logprobs_mode(r.temperature, r.top_k, r.top_p))
+                      logprobs_mode=vllm_logprobs_mode(r.temperature, r.top_k, r.top_p),
+                      trust_remote_code=config.model.trust_remote_code)
     return r.engine, kwargs
 
 
@@ -61,8 +64,15 @@ def learner_kwargs(config, device: str = "cpu") -> dict:
         constant_normaliser=config.rollout.max_new_tokens, tis_cap=algo.tis_cap,
         mask_truncated=algo.mask_truncated, temperature=config.rollout.temperature,
         optimizer=learner.optimizer, sft_steps=config.sft.steps, sft_lr=config.sft.lr, seed=learner.seed,
-        device=device,
+        device=device, load_options=load_options(config),
     )
+
+
+def load_options(config) -> dict:
+    """The base model's loading options (``model.attn_implementation``, ``model.trust_remote_code``)
+    for :func:`actors.models.load_causal_lm`, as the learner and the hf engine take them."""
+    return dict(attn_implementation=config.model.attn_implementation,
+                trust_remote_code=config.model.trust_remote_code)
 
 
 def provider_kwargs(config) -> dict:

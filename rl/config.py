@@ -59,9 +59,8 @@ class ModelConfig:
                                     choices=("auto", "eager", "sdpa", "flash_attention_2"))
     chat_template_thinking: bool = knob(False, "Pass enable_thinking to the chat template (Qwen3). "
                                         "False, as in the seed: the adapter answers without a think block.")
-    trust_remote_code: bool = knob(False, "Allow model code from the model folder to run.")
-    cache_dir: Optional[str] = knob(None, "Where the embedded model is converted to safetensors once. "
-                                    "null: ~/.cache/api-adapter.", allowed="a folder")
+    trust_remote_code: bool = knob(False, "Allow model code from the model folder to run (tokenizer, "
+                                   "learner and both engines).")
 
 
 @dataclass(frozen=True)
@@ -148,9 +147,6 @@ class AlgorithmConfig:
     steps: int = knob(1000, "Training steps; one step = one rollout batch.", ge=1)
     prompts_per_step: int = knob(16, "Prompts per step; each gets rollout.group_size completions.",
                                  ge=1)
-    num_minibatches: int = knob(1, "Optimizer steps per rollout batch; the prompts are split into this "
-                                "many equal parts. Above 1, later parts are off-policy and the clip acts.",
-                                ge=1, le=4096)
     loss_aggregation: str = knob("token_mean", "token_mean (DAPO), sequence_mean (GRPO), constant "
                                  "(Dr.GRPO: sum / (B * rollout.max_new_tokens)).",
                                  choices=("token_mean", "sequence_mean", "constant"))
@@ -443,9 +439,6 @@ def _rules(c: Config) -> Iterable[tuple[str, object, str, str]]:
                f">= rollout.max_prompt_tokens + rollout.max_new_tokens ({r.max_prompt_tokens + r.max_new_tokens})")
     if lr.optimizer == "adamw_8bit" and cl.learner_gpus == 0:
         yield "learner.optimizer", lr.optimizer, "8-bit AdamW needs CUDA", "adamw, or cluster.learner_gpus > 0"
-    if c.algorithm.prompts_per_step % c.algorithm.num_minibatches:
-        yield ("algorithm.num_minibatches", c.algorithm.num_minibatches, "does not divide the batch",
-               f"a divisor of algorithm.prompts_per_step ({c.algorithm.prompts_per_step})")
     if c.algorithm.max_refill_rounds and not c.algorithm.filter_zero_variance:
         yield ("algorithm.max_refill_rounds", c.algorithm.max_refill_rounds, "refills only follow filtering",
                "0, or algorithm.filter_zero_variance true")

@@ -238,6 +238,15 @@ def _check_leaf(spec: Spec, value: Any) -> tuple[Any, str | None]:
     return value, None
 
 
+REMOVED_KEYS = {
+    "algorithm.num_minibatches": (1, "nothing read it; a step makes one optimizer update from its whole batch",
+                                  "delete the key (several updates per batch are not implemented)"),
+    "model.cache_dir": (None, "nothing read it", "set $API_ADAPTER_CACHE to move the embedded model's cache"),
+}
+"""Keys an older config may carry: ``key: (value, why, instead)``. The value the code has always
+used (what older resolved run configs hold) is accepted; any other is an error naming why."""
+
+
 def build(cls: type, raw: Any, sources: dict[str, str], prefix: str = "") -> tuple[Any, list[Issue]]:
     """Build section ``cls`` from ``raw`` (a mapping, or None for all defaults).
 
@@ -255,10 +264,14 @@ def build(cls: type, raw: Any, sources: dict[str, str], prefix: str = "") -> tup
     names = [s.name for s in own]
     issues: list[Issue] = []
     for key in raw:
-        if key not in names:
+        full = f"{prefix}{key}"
+        if full in REMOVED_KEYS:
+            harmless, why, instead = REMOVED_KEYS[full]
+            if raw[key] != harmless:  # an older resolved config carries the old default: what runs now
+                issues.append(Issue(full, raw[key], f"removed: {why}", instead, where(full)))
+        elif key not in names:
             close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.6)
             hint = f"unknown key; did you mean {close[0]!r}?" if close else "unknown key"
-            full = f"{prefix}{key}"
             issues.append(Issue(full, raw[key], hint,
                                 f"keys of {prefix.rstrip('.') or 'the top level'}: {', '.join(names)}",
                                 where(full)))

@@ -263,16 +263,17 @@ def render_text(tokenizer: Any, text: str) -> Prompt:
 def adapter_prompt(
     tokenizer: Any, expression: str, api_answer: Fraction | int | None, condition: str = "D", *,
     response_prefix: str = "", system_in_user: bool = False, answer_format: str = "box",
-    symbols: SymbolMap = SEED_SYMBOLS,
+    symbols: SymbolMap = SEED_SYMBOLS, thinking: bool = False,
 ) -> Prompt:
-    """:func:`adapter_messages` rendered with :func:`render`, thinking off; the ``/no_think``
-    line is included exactly when the template has a thinking mode (the seed's Qwen3 setup)."""
+    """:func:`adapter_messages` rendered with :func:`render`. Thinking off (the seed's Qwen3
+    setup, ``model.chat_template_thinking: false``): the ``/no_think`` line is included exactly
+    when the template has a thinking mode. ``thinking=True`` needs such a template."""
     messages = adapter_messages(
         expression, api_answer, condition,
-        no_think_line=supports_thinking(tokenizer), system_in_user=system_in_user,
+        no_think_line=supports_thinking(tokenizer) and not thinking, system_in_user=system_in_user,
         answer_format=answer_format, symbols=symbols,
     )
-    return render(tokenizer, messages, response_prefix)
+    return render(tokenizer, messages, response_prefix, thinking=thinking)
 
 
 def _condition(condition: str) -> tuple[str, str, tuple, bool]:

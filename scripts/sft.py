@@ -187,7 +187,7 @@ def _stages(config, run: Path, parts) -> dict:
     from rl.metrics import ConsoleSink, FanOut, JsonlSink
     from scripts.evaluate import gsm8k_items
 
-    tokenizer = load_tokenizer(config.model.name_or_path)
+    tokenizer = load_tokenizer(config.model.name_or_path, config.model.trust_remote_code)
     train_items = gsm8k_items(tokenizer, read_tasks(config.data.train_path, "gsm8k")[0])
     test_items = gsm8k_items(tokenizer, read_tasks(config.data.test_path, "gsm8k", limit=config.eval.n_items)[0])
     manager = CheckpointManager(run / "checkpoints", config.checkpoint.keep_last)

@@ -111,7 +111,8 @@ def _items(config, tokenizer, tasks, api_answers):
 
     prefix = config.rollout.response_prefix or ""
     return [TrainItem(task.uid, adapter_prompt(tokenizer, task.prompt, api, config.data.condition,
-                                               response_prefix=prefix, answer_format=config.data.answer_format),
+                                               response_prefix=prefix, answer_format=config.data.answer_format,
+                                               thinking=config.model.chat_template_thinking),
                       Example(truth=task.truth, api_answer=api, question=task.prompt), task.category)
             for task, api in zip(tasks, api_answers)]
 
@@ -213,7 +214,7 @@ def _train_and_evaluate(config, run: Path, parts: Parts, train_tasks, test_tasks
     print(f"upstream: {len(answers)} answers ({sum(a.cached for a in answers)} from the cache), "
           f"{sum(a.answer is None for a in answers)} without a number")
     api_answers = [a.answer for a in answers]
-    tokenizer = load_tokenizer(config.model.name_or_path)
+    tokenizer = load_tokenizer(config.model.name_or_path, config.model.trust_remote_code)
     train_items = _items(config, tokenizer, train_tasks, api_answers[: len(train_tasks)])
     test_items = _items(config, tokenizer, test_tasks, api_answers[len(train_tasks):])
     engine, learner = parts.engine, parts.learner

@@ -85,7 +85,8 @@ def test_decide(completion, api, expected):
 @pytest.mark.parametrize("bad, message", [
     ("", "expressions[0]: is empty"), ("   ", "is empty"), (7, "must be a string, got int"),
     ("3 θ x", "unexpected character 'x' at position 4"), ("3 θ", "ends with an operator at position 2"),
-    ("θ 3", "expected an integer at position 0"), ("1" * 10_001, "at most 10000"),
+    ("θ 3", "expected an integer at position 0"), ("1" * 10_001, "is 10001 characters; at most 300"),
+    ("1" * 31, "an operand has 31 digits; at most 30"), ("4 β 0", "divides by zero"),
 ])
 def test_check_expression_names_the_problem(bad, message):
     with pytest.raises(ChainInputError, match=re.escape(message)):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -199,7 +200,6 @@ def test_parse_override(override, key, value):
     (["rollout.engine=vllm", "rollout.top_k=50", "eval.temperature=0.5"], "eval.temperature"),
     (["learner.micro_batch_tokens=100"], "learner.micro_batch_tokens"),
     (["learner.optimizer=adamw_8bit"], "learner.optimizer"),
-    (["algorithm.num_minibatches=3"], "algorithm.num_minibatches"),
     (["algorithm.max_refill_rounds=2", "algorithm.filter_zero_variance=false"], "algorithm.max_refill_rounds"),
     (["cluster.weight_sync=ipc"], "cluster.weight_sync"),
     (["cluster.weight_sync=nccl"], "cluster.weight_sync"),
@@ -295,6 +295,28 @@ def test_no_knob_in_two_sections():
         names.setdefault(key.rsplit(".", 1)[1], []).append(key)
     twins = {n for n, keys in names.items() if len(keys) > 1}
     assert twins <= allowed_twins, twins
+
+
+def test_every_config_key_is_read_outside_the_config():
+    """A key no code reads is a setting the user changes for nothing: each one must appear as an
+    attribute read (``.name``) somewhere in the project's code besides rl/config*.py."""
+    code = "".join(p.read_text() for d in ("rl", "actors", "cluster", "scripts", "verifiers")
+                   for p in (ROOT / d).rglob("*.py") if not (d == "rl" and p.name.startswith("config")))
+    unread = [f"{section.name}.{key.name}" for section in dataclasses.fields(Config)
+              if section.default_factory is not dataclasses.MISSING
+              and dataclasses.is_dataclass(section.default_factory())
+              for key in dataclasses.fields(section.default_factory())
+              if not re.search(rf"\.{key.name}\b", code)]
+    assert not unread, f"config keys nothing reads: {unread}"
+
+
+def test_removed_keys_name_why_and_old_run_configs_still_load():
+    assert load_config(None, ["algorithm.num_minibatches=1", "model.cache_dir=null"])  # an old run's values
+    with pytest.raises(ConfigError, match="algorithm.num_minibatches.*removed: nothing read it"):
+        load_config(None, ["algorithm.num_minibatches=2"])
+    with pytest.raises(ConfigError, match=r"model.cache_dir.*\$API_ADAPTER_CACHE"):
+        load_config(None, ["model.cache_dir=/tmp/x"])
+    assert load_config(ROOT / "results" / "quickstart" / "config.yaml")  # written before the keys went
 
 
 def test_docs_are_up_to_date():

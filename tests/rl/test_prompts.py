@@ -184,6 +184,9 @@ def test_render_qwen3_like(qwen3_like):
     messages = prompts.adapter_messages("25 - 14", 11, no_think_line=True)
     thinking = prompts.render(tok, messages, thinking=True)
     assert thinking.text.endswith("<|im_start|>assistant\n") and "<think>" not in thinking.text
+    # model.chat_template_thinking: true -- no /no_think line, no empty think block
+    on = prompts.adapter_prompt(tok, "25 - 14", 11, response_prefix="\\boxed{", thinking=True)
+    assert "/no_think" not in on.text and "<think>" not in on.text and on.text.endswith("assistant\n\\boxed{")
 
 
 def test_render_system_in_user(smol_tokenizer):
