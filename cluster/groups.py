@@ -9,7 +9,10 @@ Faults: verifier actors restart when they die and their tasks are retried (``max
 ``max_task_retries``), so a crashed verifier costs a retry, not the run. Rollout engines
 restart too (they reload the base model; before the next generation the weight-sync
 transport is opened anew, every rank of a gloo/NCCL group included, and the current adapter
-pushed); a generate call that was running on an engine that died is retried once. An engine
+pushed); a generate call that was running on an engine that died is retried once by Ray, on
+the restarted engine, which then still holds its initial adapter: completions stamped with
+another version than the group's are never returned, the call is made again after the push
+(so the async mode never trains on a rollout older than its bound). An engine
 whose node leaves the cluster cannot restart where the plan pinned it: it is dropped, the
 transport rebuilt with the rest, and its prompts go to the engines that remain (the run goes
 on while one is left). A dead learner ends the run (its optimizer state lives only there):
@@ -53,6 +56,10 @@ def _shards(n_items: int, n_shards: int) -> list[range]:
 
 class EngineLost(Exception):
     """Engines were dropped because their node left the cluster: redo the call without them."""
+
+
+class EngineRestarted(Exception):
+    """An engine restarted during the call and served its initial adapter: push, then redo it."""
 
 
 class EngineGroup:
@@ -120,7 +127,7 @@ class EngineGroup:
         while True:
             try:
                 return call()
-            except EngineLost:
+            except (EngineLost, EngineRestarted):
                 continue
 
     def generate(self, prompts, n, sampling):
@@ -134,6 +141,11 @@ class EngineGroup:
         completions = []
         for shard, part in zip(shards, self._gather(refs)):
             completions += [dataclasses.replace(c, prompt_index=shard.start + c.prompt_index) for c in part]
+        stale = {c.policy_version for c in completions} - {self.policy_version}
+        if stale:
+            print(f"rollout engine restarted mid-call (served version {sorted(stale)}, the run is at "
+                  f"{self.policy_version}): pushing the adapter and sampling again", flush=True)
+            raise EngineRestarted
         return completions
 
     def sync_from(self, learner) -> SyncStats:

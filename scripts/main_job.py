@@ -4,7 +4,7 @@ The tier-1 recipe cut to a few minutes: the embedded SmolLM2-135M adapter gets a
 warm-start on standard-symbol items, then GRPO on the easiest symbol tier, with the embedded
 model as the local upstream: no GPU, no credentials, no downloads. It is
 ``scripts/train.py --config configs/quickstart.yaml``; extra arguments are passed on, e.g.
-``api-adapter main --set algorithm.max_train_seconds=900``.
+``api-adapter main --set algorithm.steps=12``.
 """
 
 from __future__ import annotations

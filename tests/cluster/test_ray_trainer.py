@@ -107,3 +107,38 @@ def test_async_rollouts_on_ray_lag_at_most_one_version(ray_run):
     lags = [m["async/policy_lag"] for m in history]
     assert lags[0] == 0 and set(lags) <= {0, 1}
     assert 1 in lags  # a batch made while the step before it learned (all of them, in practice)
+
+
+@pytest.mark.slow
+def test_an_engine_killed_with_rollouts_in_flight_never_feeds_a_stale_rollout(ray_run):
+    """Async mode (lag bound 1): engine 0 is killed while the rollouts of the next step are being
+    made (right after a step ends, when the rollouts-ahead thread is sampling). No step trains on
+    a rollout older than the bound, the versions stay consecutive, the engines end on the
+    learner's adapter. (When the kill lands inside a generate call, cluster.groups resamples
+    after a push: tests/cluster/test_groups.py.)"""
+    import threading
+    import time
+
+    parts, tokenizer = ray_run
+    start = parts.learner.policy_version
+    settings = LoopSettings(steps=5, prompts_per_step=2, group_size=4,
+                            sampling=SamplingParams(max_new_tokens=2, temperature=1.0, seed=0),
+                            filter_zero_variance=False, max_policy_lag=1)
+    kills = []
+
+    def after_step(step, metrics, stream):
+        assert parts.engine.policy_version == metrics["policy_version"]
+        if step in (start + 1, start + 3):  # the batch of a later step is being sampled now
+            killer = threading.Thread(target=lambda: (time.sleep(0.01), ray.kill(parts.engine.actors[0],
+                                                                                 no_restart=False)))
+            killer.start()
+            kills.append(killer)
+
+    history = train(_items(tokenizer), parts.engine, parts.learner, parts.score, settings, Sink(),
+                    on_step_end=after_step, start_step=start)
+    for killer in kills:
+        killer.join()
+    assert [m["policy_version"] for m in history] == list(range(start + 1, start + 6))
+    assert {m["async/policy_lag"] for m in history} <= {0, 1}
+    _assert_engines_match(parts)
+    assert ray.get([a.policy_version.remote() for a in parts.engine.actors]) == [start + 5] * 2
