@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from scripts.chain import main, make_server
+from actors.chain_service import make_server
+from scripts.chain import main
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = ["--max-tokens", "6", "--max-new-tokens", "3", "--response-prefix", "\\boxed{", "--stop", "}"]
@@ -253,3 +254,32 @@ def test_an_internal_error_is_a_500_message_and_the_server_lives_on():
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_with_a_token_every_request_needs_it():
+    server = serving(Exploding(), auth_token="s3cret")
+    try:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+            status, reply_headers, body = request(server, "GET", "/health", headers=headers)
+            assert status == 401 and "bearer token" in body["error"]
+            assert reply_headers["WWW-Authenticate"].startswith("Bearer")
+        status, _, body = request(server, "POST", "/v1/chain", {"expression": "1 θ 1"})
+        assert status == 401  # before the body is looked at
+        status, _, body = request(server, "GET", "/health", headers={"Authorization": "Bearer s3cret"})
+        assert status == 200 and body["status"] == "ok"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_the_service_binds_to_loopback_by_default():
+    from actors.chain_service import make_server as make
+
+    server = make(Exploding(), port=0)
+    try:
+        assert server.server_address[0] == "127.0.0.1"
+    finally:
+        server.server_close()
+    from scripts import chain
+
+    assert "$API_ADAPTER_CHAIN_TOKEN" in chain.build_parser().format_help()
