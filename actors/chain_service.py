@@ -36,6 +36,8 @@ class ChainServer(ThreadingHTTPServer):
     once (the engine generates one batch at a time, so admitted requests wait their turn)."""
 
     daemon_threads = True
+    request_queue_size = 128  # the listen backlog: with the stdlib's 5, a burst of clients is refused
+    #                           by the kernel (connection reset) before a 503 can be sent
 
     def __init__(self, address, chain, *, queue_size: int = 8, max_items: int = 64,
                  max_body_bytes: int = 1 << 20, retry_after_s: int = 1, auth_token: str | None = None) -> None:
