@@ -21,6 +21,7 @@ matplotlib is imported inside the plotting functions (Agg backend), only when a 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import sys
@@ -39,7 +40,7 @@ from rl.evaluation import (
 )
 from verifiers.answers import GSM8K_BUCKETS
 
-IDENTITY_KEYS = ("title", "model", "adapter", "test_path", "data", "config", "before", "after")
+IDENTITY_KEYS = ("title", "model", "adapter", "test_path", "data", "config", "before", "after", "stages")
 SNIPPET_CHARS = 400
 SMOOTH_ABOVE = 50  # steps; longer curves get a moving average
 
@@ -58,21 +59,23 @@ def write_report(out_dir: str | Path, results: dict, rows: Iterable[EvalRow | di
 
     ``results`` may hold ``title``, ``model``, ``adapter`` (strings or dicts), ``test_path``
     (hashed here) or ``data`` (``{"path", "sha256"}``), ``config`` (a dict), ``before`` /
-    ``after`` summaries (``after`` defaults to the summary of ``rows``), and any other
-    JSON-ready keys, kept under ``extra``. ``rows`` are the final evaluation's records.
+    ``after`` summaries (``after`` defaults to the summary of ``rows``), ``stages`` (``{name:
+    summary}`` in order, the bars of the accuracy plots; default: before and after), and any
+    other JSON-ready keys, kept under ``extra``. ``rows`` are the final evaluation's records.
     """
     out = Path(out_dir)
     (out / "plots").mkdir(parents=True, exist_ok=True)
     records = rows_as_dicts(rows)
     after = results.get("after") or summarize([EvalRow.from_dict(r) for r in records])
     before = results.get("before")
+    stages = results.get("stages") or ({"before": before, "after": after} if before else {"accuracy": after})
     document = {
         "title": results.get("title", "Evaluation report"),
         "model": results.get("model"),
         "adapter": results.get("adapter"),
         "data": _data_identity(results, len(records)),
         "config": results.get("config"),
-        "metrics": {"before": before, "after": after},
+        "metrics": {"before": before, "after": after, "stages": stages},
         "extra": {k: v for k, v in results.items() if k not in IDENTITY_KEYS},
         "records": records,
     }
@@ -80,8 +83,8 @@ def write_report(out_dir: str | Path, results: dict, rows: Iterable[EvalRow | di
     paths["results"].write_text(json.dumps(document, indent=2, default=str) + "\n", encoding="utf-8")
     plots = {
         "training_curves": plot_training_curves(metrics_history or [], out / "plots" / "training_curves.png"),
-        "category_accuracy": plot_category_accuracy(before, after, out / "plots" / "category_accuracy.png"),
-        "symbol_accuracy": plot_symbol_accuracy(before, after, out / "plots" / "symbol_accuracy.png"),
+        "category_accuracy": plot_category_accuracy(stages, out / "plots" / "category_accuracy.png"),
+        "symbol_accuracy": plot_symbol_accuracy(stages, out / "plots" / "symbol_accuracy.png"),
     }
     paths.update({name: path for name, path in plots.items() if path is not None})
     paths["report"] = out / "report.md"
@@ -250,6 +253,10 @@ def render_markdown(document: dict, plots: dict[str, Path], gallery_size: int = 
     lines += ["## Accuracy", ""]
     keys = [*after["categories"], "overall"]
     lines += _table(["category", *_columns(before)], _compare(before, after, keys))
+    stages = document["metrics"].get("stages") or {}
+    if "upstream alone" in stages:
+        lines += ["## Stages", "", "The upstream alone, then the adapter after each phase, on the same items.", ""]
+        lines += _table(["category", *stages], [[key] + [_acc(s.get(key)) for s in stages.values()] for key in keys])
     lines += _breakdowns(after, before)
     if plots:
         lines += ["## Plots", ""] + [f"![{name}]({path.as_posix()})" for name, path in plots.items()] + [""]
@@ -270,19 +277,25 @@ def _pyplot():
 
 
 def _series(history: list[dict], key: str) -> tuple[list[float], list[float]]:
-    points = [(row.get("step", i), row[key]) for i, row in enumerate(history)
+    points = [(row.get("step", i) + 1, row[key]) for i, row in enumerate(history)  # steps from 1, as printed
               if isinstance(row.get(key), (int, float)) and not isinstance(row.get(key), bool)]
     return [p[0] for p in points], [p[1] for p in points]
 
 
 def plot_training_curves(history: list[dict], path: Path) -> Path | None:
-    """Reward per step (mean, per category; ±std shaded on short runs) and, when logged, ``eval/*`` accuracy."""
-    reward_keys = sorted({k for row in history for k in row if k.startswith("reward/") and k != "reward/std"})
-    eval_keys = sorted({k for row in history for k in row if k.startswith("eval/")})
+    """Reward per step (mean, per category; ±std shaded on short runs) and, when logged, held-out
+    accuracy (overall and per category) and per symbol, each in its own panel; integer steps."""
+    keys = {k for row in history for k in row}
+    reward_keys = sorted(k for k in keys if k.startswith("reward/") and k not in ("reward/std", "reward/format_ok")
+                         and not k.startswith("reward/symbol/"))
+    eval_keys = sorted(k for k in keys if k.startswith("eval/") and not k.startswith("eval/symbol/"))
+    symbol_keys = sorted(k for k in keys if k.startswith("eval/symbol/"))
     if not reward_keys and not eval_keys:
         return None
     plt = _pyplot()
-    panels = [keys for keys in (reward_keys, eval_keys) if keys]
+    from matplotlib.ticker import MaxNLocator
+
+    panels = [keys for keys in (reward_keys, eval_keys, symbol_keys) if keys]  # a few series each
     fig, axes = plt.subplots(len(panels), 1, figsize=(8, 3.2 * len(panels)), squeeze=False, sharex=True)
     for ax, keys in zip(axes[:, 0], panels):
         for key in keys:
@@ -305,7 +318,9 @@ def plot_training_curves(history: list[dict], path: Path) -> Path | None:
                 ax.fill_between(steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
                                 alpha=0.15, label="reward/mean ± std")
         ax.set_ylim(-0.02, 1.02)
-        ax.set_ylabel("reward" if keys is reward_keys else "held-out accuracy")
+        ax.set_ylabel("reward" if keys is reward_keys else
+                      "held-out accuracy" if keys is eval_keys else "held-out, per symbol")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="best")
     axes[-1, 0].set_xlabel("step")
@@ -332,25 +347,33 @@ def _bars(title: str, labels: list[str], series: dict[str, list[dict | None]], p
     return _save(fig, plt, path)
 
 
-def plot_category_accuracy(before: dict | None, after: dict, path: Path) -> Path:
-    """Accuracy per category and overall, before vs after when both are given."""
-    keys = [*after["categories"], "overall"]
-    series = {"before": [before.get(k) for k in keys]} if before else {}
-    series["after" if before else "accuracy"] = [after[k] for k in keys]
-    return _bars("Accuracy per category", keys, series, path)
+def plot_category_accuracy(stages: dict[str, dict], path: Path) -> Path:
+    """Accuracy per category and overall, one bar per stage (``{name: summary}``, in order)."""
+    last = list(stages.values())[-1]
+    keys = [*last["categories"], "overall"]
+    return _bars("Accuracy per category", keys, {name: [s.get(k) for k in keys] for name, s in stages.items()}, path)
 
 
-def plot_symbol_accuracy(before: dict | None, after: dict, path: Path) -> Path | None:
-    """Accuracy over the items containing each symbol, before vs after when both are given."""
-    symbols = after.get("by_symbol")
+def plot_symbol_accuracy(stages: dict[str, dict], path: Path) -> Path | None:
+    """Accuracy over the items containing each symbol, one bar per stage."""
+    symbols = list(stages.values())[-1].get("by_symbol")
     if not symbols:
         return None
     keys = list(symbols)
     labels = [f"{s} ({v['op']})" if v["alphabet"] == "custom" else s for s, v in symbols.items()]
-    prior = (before or {}).get("by_symbol")
-    series = {"before": [prior.get(k) for k in keys]} if prior else {}
-    series["after" if prior else "accuracy"] = [symbols[k] for k in keys]
+    series = {name: [(s.get("by_symbol") or {}).get(k) for k in keys] for name, s in stages.items()}
     return _bars("Accuracy per symbol (items containing it)", labels, series, path)
+
+
+def stage_summaries(run: Path, after_rows: list[EvalRow]) -> dict[str, dict]:
+    """The bars of a training run's report, in order: the upstream alone (its answers on the
+    final evaluation's items), after the warm-start (when there was one), after training."""
+    upstream = [dataclasses.replace(r, correct=r.api_correct, decision=None, error=None) for r in after_rows]
+    stages = {"upstream alone": summarize(upstream)}
+    if (run / "eval_after_sft.jsonl").exists():
+        stages["after warm-start"] = summarize([EvalRow.from_dict(r) for r in _read_jsonl(run / "eval_after_sft.jsonl")])
+    stages["after training"] = summarize(after_rows)
+    return stages
 
 
 def _save(fig, plt, path: Path) -> Path:
@@ -375,7 +398,8 @@ def report_from_run(run: str | Path, out_dir: str | Path | None = None) -> dict[
     if not after_path.exists():
         raise FileNotFoundError(f"{after_path} not found: the run has no final evaluation")
     rows = [EvalRow.from_dict(r) for r in _read_jsonl(after_path)]
-    results: dict[str, Any] = {"title": f"Evaluation of {run.name}", "after": summarize(rows)}
+    results: dict[str, Any] = {"title": f"Evaluation of {run.name}", "after": summarize(rows),
+                               "stages": stage_summaries(run, rows)}
     if (run / "eval_before.jsonl").exists():
         results["before"] = summarize([EvalRow.from_dict(r) for r in _read_jsonl(run / "eval_before.jsonl")])
     if (run / "config.yaml").exists():

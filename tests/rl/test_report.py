@@ -105,7 +105,8 @@ def test_report_from_a_run_folder(tmp_path, capsys):
     (run / "data").mkdir()
     (run / "data" / "test.jsonl").write_text("{}\n")
     (run / "config.yaml").write_text("model:\n  name_or_path: embedded\n")
-    for label, completions in (("before", [r"\boxed{CORRECT}"] * len(CASES)), ("after", [c[-1] for c in CASES])):
+    for label, completions in (("before", [r"\boxed{CORRECT}"] * len(CASES)), ("after", [c[-1] for c in CASES]),
+                               ("after_sft", [r"\boxed{CORRECT}"] * len(CASES))):
         (run / f"eval_{label}.jsonl").write_text("".join(json.dumps(vars(r)) + "\n" for r in rows_for(completions)))
     (run / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in HISTORY))
     paths = report_from_run(run)
@@ -113,4 +114,11 @@ def test_report_from_a_run_folder(tmp_path, capsys):
     assert document["model"] == "embedded" and document["adapter"]["checkpoint"].endswith("step_000002")
     assert document["data"]["sha256"] == hashlib.sha256(b"{}\n").hexdigest()
     assert "training_curves" in paths and paths["report"].parent == run / "report"
+    stages = document["metrics"]["stages"]  # the bars: upstream alone, after the warm-start, after training
+    assert list(stages) == ["upstream alone", "after warm-start", "after training"]
+    upstream_right = sum(r.api_correct for r in rows_for([c[-1] for c in CASES]))
+    assert stages["upstream alone"]["overall"]["correct"] == upstream_right
+    for key in ("custom", "standard", "overall"):  # CORRECT everywhere keeps the upstream's answers
+        assert stages["after warm-start"][key] == stages["upstream alone"][key]
+    assert "| category | upstream alone | after warm-start | after training |" in paths["report"].read_text()
     assert main([str(tmp_path / "missing")]) == 2 and "no final evaluation" in capsys.readouterr().err
