@@ -21,6 +21,7 @@ COMMANDS = {
     "rationale-data": ("scripts.rationale_data", "GSM8K train solutions as strict final-line SFT rows"),
     "ablate": ("scripts.ablate", "train the prompt conditions A-D and tabulate them side by side"),
     "evaluate": ("scripts.evaluate", "upstream alone, base model and adapters on a test file, side by side"),
+    "compare": ("scripts.compare", "two evaluated runs item by item, re-graded if asked, with paired-bootstrap intervals"),
     "synthesize": ("scripts.synthesize", "write questions, derive their answers with SymPy tools, keep the verified"),
 }
 
