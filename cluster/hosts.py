@@ -64,7 +64,7 @@ class EngineHost:
     def open_weight_sync(self, kind: str, address=None, rank: int = 1, world_size: int = 2,
                          timeout_s: float = 300.0) -> None:
         """Become rank ``rank`` of a weight-sync transport (closing the previous one)."""
-        from cluster.weight_sync import make_receiver
+        from cluster.transports import make_receiver
 
         _close(self.receiver)
         self.receiver = make_receiver(kind, address, rank, world_size, str(self.engine.device), timeout_s)
@@ -143,7 +143,7 @@ class LearnerHost:
     def open_weight_sync(self, kind: str, world_size: int, timeout_s: float = 300.0):
         """Become the sending end (rank 0) of a weight-sync transport to ``world_size - 1``
         engines, closing the previous one; returns the address receivers join (or None)."""
-        from cluster.weight_sync import make_sender
+        from cluster.transports import make_sender
 
         _close(self.sender)
         self.sender = make_sender(kind, world_size, str(self.learner.device), timeout_s)

@@ -30,7 +30,7 @@ and every completion carries the version it was sampled with.
   map them without a copy); the fallback when no torch.distributed backend fits.
 For the last two, ``push`` returns a ticket (in ``SyncStats.ticket``) that the controller passes
 to every ``receive``. :meth:`cluster.placement.Plan.transport` picks one from the placement;
-:func:`make_sender` / :func:`make_receiver` build the ends by name.
+``cluster.transports.make_sender`` / ``make_receiver`` build the ends by name.
 
 Addresses across hosts: see ``cluster.weight_sync_dist`` (the store listens on the node's Ray
 IP, and the socket interface is pinned to the one that holds it).
@@ -300,40 +300,3 @@ class ObjectStoreReceiver(WeightReceiver):
             buffers = [torch.from_numpy(a).to(self.device).view(b.dtype)
                        for a, b in zip(arrays, header.buckets)]
         return header.version, unpack(header, buffers)
-
-
-# ---------------------------------------------------------------------------- ends by name
-
-
-def make_sender(kind: str, world_size: int, device: str = "cpu", timeout_s: float = 300.0) -> WeightSender:
-    """The learner's end of transport ``kind`` (``gloo``, ``nccl``, ``cuda_ipc`` or
-    ``object_store``) for a group of the learner and ``world_size - 1`` engines; a collective
-    transport gives up on a rank after ``timeout_s`` (a dead engine must not hang the learner)."""
-    if kind in COLLECTIVE:
-        from cluster.weight_sync_dist import TorchDistributedSender
-
-        return TorchDistributedSender(world_size, kind, timeout_s=timeout_s)
-    if kind == "cuda_ipc":
-        from cluster.weight_sync_ipc import CudaIpcSender
-
-        return CudaIpcSender(device)
-    if kind == "object_store":
-        return ObjectStoreSender()
-    raise ValueError(f"weight-sync transport {kind!r} is not one of {TRANSPORTS}")
-
-
-def make_receiver(kind: str, address: Any, rank: int, world_size: int, device: str = "cpu",
-                  timeout_s: float = 300.0) -> WeightReceiver:
-    """Engine ``rank`` (1..world_size-1)'s end of transport ``kind``; ``address``: the
-    sender's (collective transports only)."""
-    if kind in COLLECTIVE:
-        from cluster.weight_sync_dist import TorchDistributedReceiver
-
-        return TorchDistributedReceiver(address, rank, world_size, kind, timeout_s=timeout_s)
-    if kind == "cuda_ipc":
-        from cluster.weight_sync_ipc import CudaIpcReceiver
-
-        return CudaIpcReceiver()
-    if kind == "object_store":
-        return ObjectStoreReceiver(device)
-    raise ValueError(f"weight-sync transport {kind!r} is not one of {TRANSPORTS}")

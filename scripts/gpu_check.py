@@ -383,7 +383,7 @@ class SyncLearner:
     def __init__(self, shape: str, kind: str, world: int) -> None:
         import torch
 
-        from cluster.weight_sync import make_sender
+        from cluster.transports import make_sender
         from scripts.bench_weight_sync import ADAPTERS, lora_shapes
 
         s, device = ADAPTERS[shape], _sync_device(kind)
@@ -412,7 +412,7 @@ class SyncEngine:
 
         import torch
 
-        from cluster.weight_sync import make_receiver
+        from cluster.transports import make_receiver
         from scripts.bench_weight_sync import ADAPTERS, lora_shapes
 
         s, device = ADAPTERS[shape], _sync_device(kind)

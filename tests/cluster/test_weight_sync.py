@@ -121,7 +121,7 @@ def test_module_doctests():
 
 
 def test_ends_by_name():
-    from cluster.weight_sync import make_receiver, make_sender
+    from cluster.transports import make_receiver, make_sender
     from cluster.weight_sync_dist import TorchDistributedReceiver
 
     assert isinstance(make_sender("object_store", 3), ObjectStoreSender)
