@@ -121,7 +121,7 @@ def test_an_engine_killed_with_rollouts_in_flight_never_feeds_a_stale_rollout(ra
 
     parts, tokenizer = ray_run
     start = parts.learner.policy_version
-    settings = LoopSettings(steps=5, prompts_per_step=2, group_size=4,
+    settings = LoopSettings(steps=start + 5, prompts_per_step=2, group_size=4,  # steps counts from 0
                             sampling=SamplingParams(max_new_tokens=2, temperature=1.0, seed=0),
                             filter_zero_variance=False, max_policy_lag=1)
     kills = []
@@ -138,6 +138,7 @@ def test_an_engine_killed_with_rollouts_in_flight_never_feeds_a_stale_rollout(ra
                     on_step_end=after_step, start_step=start)
     for killer in kills:
         killer.join()
+    assert len(kills) == 2
     assert [m["policy_version"] for m in history] == list(range(start + 1, start + 6))
     assert {m["async/policy_lag"] for m in history} <= {0, 1}
     _assert_engines_match(parts)
