@@ -47,6 +47,8 @@ from typing import Any, Iterator
 
 import torch
 
+from rl.storage import cache_dir
+
 log = logging.getLogger(__name__)
 
 EMBEDDED_MODEL = "embedded"
@@ -59,7 +61,6 @@ EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 CONVERSION_VERSION = 1
 """Bump when the conversion's output changes; it is part of the cache folder's hash."""
 
-CACHE_ENV = "API_ADAPTER_CACHE"
 PROVENANCE_FILE = "api_adapter_conversion.json"
 
 # What the conversion leaves in a finished folder (checked before the rename).
@@ -102,15 +103,6 @@ def find_embedded_gguf() -> Path:
     # Prefer the SmolLM2 file should a later version ship more than one.
     candidates.sort(key=lambda p: (EMBEDDED_NAME.lower() not in p.name.lower(), p.name))
     return candidates[0]
-
-
-def cache_dir() -> Path:
-    """The local cache: ``$API_ADAPTER_CACHE`` if set (and non-empty), else
-    ``~/.cache/api-adapter``. Not created here."""
-    env = os.environ.get(CACHE_ENV)
-    if env:
-        return Path(env).expanduser()
-    return Path.home() / ".cache" / "api-adapter"
 
 
 def gguf_fingerprint(gguf: Path) -> str:

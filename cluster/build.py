@@ -175,17 +175,18 @@ def weight_sync_transport(the_plan, num_engines: int, requested: str) -> str:
     return kinds.pop() if len(kinds) == 1 else "object_store"
 
 
-def raise_if_actor_lost(error: BaseException, checkpoints: Path) -> None:
+def raise_if_actor_lost(error: BaseException, checkpoints) -> None:
     """Turn a dead actor the run cannot do without (a learner rank; engines are dropped or
     restarted instead: cluster/groups.py) into :class:`rl.checkpoint.RunAborted`, naming the
-    checkpoint to resume from; any other error is left alone."""
+    checkpoint to resume from (``checkpoints``: the run's rl.checkpoint.CheckpointManager); any
+    other error is left alone."""
     import ray
 
-    from rl.checkpoint import CheckpointManager, RunAborted
+    from rl.checkpoint import RunAborted
 
     if not isinstance(error, ray.exceptions.RayActorError):
         return
-    latest = CheckpointManager(checkpoints, keep_last=0).latest()
+    latest = checkpoints.latest()
     cause = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     where = (f"the last checkpoint is {latest}: on a cluster with the resources, submit the same "
              f"command with --set checkpoint.resume=true to continue from it" if latest else

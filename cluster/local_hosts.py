@@ -165,8 +165,9 @@ class Job:
 class LocalHosts:
     """``count`` hosts on one link, under ``base`` (a folder per host and the run directory).
 
-    ``start_ray()`` starts a Ray head on host 0 and workers on the others; ``submit()`` runs
-    ``ray job submit`` on the head, as one would over SSH. Use as a context manager."""
+    ``start_ray()`` starts a Ray head (on host 0 unless told otherwise) and workers on the
+    others; ``submit()`` runs ``ray job submit`` on the head, as one would over SSH. Use as a
+    context manager."""
 
     def __init__(self, count: int, base: Path, env: dict | None = None):
         if count < 1:
@@ -190,6 +191,7 @@ class LocalHosts:
         self.hosts = [Host(f"aa{self.id}h{i}", str(addresses[10 + i]), self.base / f"host{i}")
                       for i in range(count)]
         self._links: list[str] = []
+        self.head = 0  # the host the Ray head runs on (start_ray)
         try:
             self._make_link()
         except BaseException:
@@ -237,28 +239,29 @@ class LocalHosts:
         log.close()
         return host
 
-    def start_ray(self, cpus: Sequence[float], timeout_s: float = 120) -> None:
-        """A Ray head on host 0 (dashboard on its loopback, as by default) and a worker on
-        every other host, ``cpus[i]`` logical CPUs each; waits until all nodes are alive."""
-        head = self.hosts[0]
-        self.start(0, [RAY, "start", "--head", f"--node-ip-address={head.ip}", "--port=6379",
-                       f"--num-cpus={cpus[0]:g}", "--dashboard-host=127.0.0.1", "--include-dashboard=true",
+    def start_ray(self, cpus: Sequence[float], timeout_s: float = 120, head: int = 0) -> None:
+        """A Ray head on host ``head`` (dashboard on its loopback, as by default) and a worker
+        on every other host, ``cpus[i]`` logical CPUs each; waits until all nodes are alive."""
+        self.head = head
+        self.start(head, [RAY, "start", "--head", f"--node-ip-address={self.hosts[head].ip}", "--port=6379",
+                       f"--num-cpus={cpus[head]:g}", "--dashboard-host=127.0.0.1", "--include-dashboard=true",
                        "--block", "--disable-usage-stats"])
         self.wait_for_nodes(1, timeout_s)
-        for i in range(1, len(self.hosts)):
-            self.start_worker(i, cpus[i])
+        for i in range(len(self.hosts)):
+            if i != head:
+                self.start_worker(i, cpus[i])
         self.wait_for_nodes(len(self.hosts), timeout_s)
 
     def start_worker(self, index: int, cpus: float) -> None:
         """Start host ``index``'s worker node (again, after :meth:`Host.kill`), joining the head."""
-        self.start(index, [RAY, "start", f"--address={self.hosts[0].ip}:6379",
+        self.start(index, [RAY, "start", f"--address={self.hosts[self.head].ip}:6379",
                            f"--node-ip-address={self.hosts[index].ip}", f"--num-cpus={cpus:g}",
                            "--block", "--disable-usage-stats"])
 
     def alive_nodes(self) -> int:
-        code = (f"import ray; ray.init(address='{self.hosts[0].ip}:6379', logging_level='ERROR'); "
+        code = (f"import ray; ray.init(address='{self.hosts[self.head].ip}:6379', logging_level='ERROR'); "
                 "print(sum(n['Alive'] for n in ray.nodes()))")
-        done = self.hosts[0].run([sys.executable, "-c", code], timeout=120, env=self.env)
+        done = self.hosts[self.head].run([sys.executable, "-c", code], timeout=120, env=self.env)
         return int(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else 0
 
     def wait_for_nodes(self, count: int, timeout_s: float) -> None:
@@ -282,7 +285,7 @@ class LocalHosts:
         log = self.base / f"{job_id}.log"
         with log.open("wb") as out:
             process = subprocess.Popen(
-                self.hosts[0].command([RAY, "job", "submit", "--address=http://127.0.0.1:8265",
+                self.hosts[self.head].command([RAY, "job", "submit", "--address=http://127.0.0.1:8265",
                                        f"--working-dir={working_dir}", f"--submission-id={job_id}", "--",
                                        *entrypoint]),
                 stdout=out, stderr=subprocess.STDOUT, env=self.env)

@@ -16,6 +16,15 @@ directory is atomic on POSIX). A folder without ``meta.json`` is never a checkpo
 at any point leaves the previous checkpoints as they were; the next save removes the leftover
 temporary folder. Older checkpoints beyond ``keep_last`` are pruned only after the new one is in
 place, so the last complete one always exists. A SIGKILL loses the steps since the last save.
+Last of all, the ``latest`` marker (a file holding the folder's name, replaced atomically) names
+the run's newest checkpoint: the one ``resume: true`` takes when it is complete (else, e.g. in
+a run folder from before the marker, the highest complete step).
+
+In an object store (``s3://``, ``gs://``...: rl/storage.py) there is no rename: the folder is
+made in a local staging folder, then its files are uploaded, ``meta.json`` after all of them and
+the marker last (one small object: its PUT is atomic), and a resume downloads the checkpoint
+into the staging folder first. A save killed mid-upload leaves a folder without meta.json,
+which nothing reads and the next save of that step replaces.
 
 :class:`GracefulStop` turns SIGTERM (``ray job stop``) and SIGINT into a flag the controller
 reads at the end of a step: it saves and raises :class:`TrainingStopped` out of the loop.
@@ -39,7 +48,10 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from rl.storage import CHECKPOINTS, Store, is_remote, join, local_path, staging_folder
+
 META = "meta.json"
+LATEST = "latest"
 FORMAT = 1
 _STEP_DIR = re.compile(r"^step_(\d{6,})$")
 _TMP_PREFIX = ".tmp-"
@@ -85,19 +97,29 @@ def is_due(step: int, every_steps: int, total_steps: int) -> bool:
 
 class CheckpointManager:
     """Saves step folders under ``root`` atomically and keeps the newest ``keep_last``
-    (0 keeps all). See the module docstring for the layout."""
+    (0 keeps all). ``root``: a local path, ``file://`` or a store's URI; for a store,
+    ``staging`` is the local folder checkpoints are made in and downloaded to (default: one in
+    the cache). See the module docstring for the layout."""
 
-    def __init__(self, root: str | os.PathLike[str], keep_last: int):
+    def __init__(self, root: str | os.PathLike[str], keep_last: int, staging: str | os.PathLike[str] | None = None):
         if keep_last < 0:
             raise ValueError(f"keep_last={keep_last} must be >= 0 (0 keeps all)")
-        self.root, self.keep_last = Path(root), keep_last
+        self.location, self.keep_last = str(root), keep_last
+        self.store = Store(self.location) if is_remote(self.location) else None
+        self.origin: dict[Path, str] = {}  # a downloaded checkpoint's URI, by its local folder
+        if self.store is None:
+            self.root = local_path(root)
+        else:  # checkpoints are made and downloaded here
+            self.root = Path(staging) if staging is not None else staging_folder(self.location)
 
     # ------------------------------------------------------------------ saving
-    def save(self, step: int, write: Callable[[Path], None], meta: dict) -> Path:
+    def save(self, step: int, write: Callable[[Path], None], meta: dict) -> Path | str:
         """Write checkpoint ``step`` (steps completed): ``write(folder)`` fills a temporary
         folder, then ``meta`` (plus step, time, format and RNG states) goes to meta.json, and
-        the folder is renamed to ``step_XXXXXX``; older ones beyond keep_last are pruned.
-        If ``write`` raises, nothing changes but a temporary folder the next save removes."""
+        the folder is renamed to ``step_XXXXXX`` (in a store: uploaded); then the ``latest``
+        marker names it and older ones beyond keep_last are pruned. If ``write`` raises, nothing
+        changes but a temporary folder the next save removes. Returns the checkpoint's folder
+        (in a store: its URI)."""
         if step < 0:
             raise ValueError(f"step={step} must be >= 0")
         self.root.mkdir(parents=True, exist_ok=True)
@@ -108,6 +130,14 @@ class CheckpointManager:
         write(tmp)
         record = {**meta, "step": step, "format": FORMAT, "time": time.time(),
                   "rng": capture_rng()}
+        if self.store is not None:
+            _write_synced(tmp / META, _render(record))
+            self.store.delete(name)  # what a killed upload of this step left, or an older save of it
+            self.store.upload(tmp, name, last=(META,))
+            shutil.rmtree(tmp)
+            self.store.write_bytes(LATEST, name.encode())
+            self._prune(keep=name)
+            return self.store.location(name)
         _fsync_tree(tmp)
         _write_synced(tmp / META, _render(record))
         _fsync_dir(tmp)
@@ -120,25 +150,39 @@ class CheckpointManager:
         else:
             tmp.rename(final)
         _fsync_dir(self.root)
-        self._prune(keep=final)
+        marker = self.root / f"{_TMP_PREFIX}{LATEST}-{secrets.token_hex(4)}"
+        _write_synced(marker, name)
+        os.replace(marker, self.root / LATEST)
+        _fsync_dir(self.root)
+        self._prune(keep=name)
         return final
 
     def _remove_leftovers(self) -> None:
         for path in self.root.glob(f"{_TMP_PREFIX}*"):
-            shutil.rmtree(path, ignore_errors=True)
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
 
-    def _prune(self, keep: Path) -> None:
+    def _prune(self, keep: str) -> None:
         """Remove all but the keep_last highest steps -- never ``keep``, the one just saved
         (after a resume from an older checkpoint, higher steps may exist)."""
         if self.keep_last == 0:
             return
-        for _, path in self.complete()[: -self.keep_last]:
-            if path != keep:
-                shutil.rmtree(path)
+        for step, found in self.complete()[: -self.keep_last]:
+            if step_dir_name(step) == keep:
+                continue
+            if self.store is not None:
+                self.store.delete(step_dir_name(step))
+            else:
+                shutil.rmtree(found)
 
     # ------------------------------------------------------------------ finding
-    def complete(self) -> list[tuple[int, Path]]:
-        """(step, folder) of every complete checkpoint (with meta.json), oldest first."""
+    def complete(self) -> list[tuple[int, Path | str]]:
+        """(step, folder or URI) of every complete checkpoint (with meta.json), oldest first."""
+        if self.store is not None:
+            return sorted((int(m.group(1)), self.store.location(name)) for name in self.store.folders()
+                          if (m := _STEP_DIR.match(name)) and self.store.is_file(f"{name}/{META}"))
         if not self.root.is_dir():
             return []
         found = []
@@ -148,30 +192,71 @@ class CheckpointManager:
                 found.append((int(match.group(1)), path))
         return sorted(found)
 
-    def latest(self) -> Path | None:
-        """The complete checkpoint with the highest step, or None."""
+    def latest(self) -> Path | str | None:
+        """The checkpoint the ``latest`` marker names when it is complete; else (no marker, or
+        it names a pruned folder) the complete one with the highest step; None if there is none."""
+        name = self._marked()
+        if name is not None:
+            return self.store.location(name) if self.store is not None else self.root / name
         done = self.complete()
         return done[-1][1] if done else None
 
+    def _marked(self) -> str | None:
+        if self.store is not None:
+            if not self.store.is_file(LATEST):
+                return None
+            name = self.store.read_bytes(LATEST).decode().strip()
+            return name if _STEP_DIR.match(name) and self.store.is_file(f"{name}/{META}") else None
+        marker = self.root / LATEST
+        name = marker.read_text(encoding="utf-8").strip() if marker.is_file() else ""
+        return name if _STEP_DIR.match(name) and (self.root / name / META).is_file() else None
+
     def resolve(self, resume: bool | str | os.PathLike[str] | None) -> Path | None:
-        """The checkpoint to resume from: False/None -> None; True, "auto" or "latest" -> the
-        latest under root (None when there is none: a first start); a path (absolute, relative
-        to the working directory, or a folder name under root) -> that checkpoint, which must
-        exist and be complete."""
+        """The local folder of the checkpoint to resume from: False/None -> None; True, "auto"
+        or "latest" -> the latest under root (None when there is none: a first start); a path
+        or URI (absolute, relative to the working directory, or a folder name under root) ->
+        that checkpoint, which must exist and be complete. One in a store is downloaded into
+        the staging folder first."""
         if resume is None or resume is False:
             return None
         if resume is True or (isinstance(resume, str) and resume.lower() in ("auto", "latest")):
-            return self.latest()
-        path = Path(resume)
+            found = self.latest()
+            return self._fetch(Store(found)) if isinstance(found, str) else found
+        text = str(resume)
+        if is_remote(text):
+            return self._fetch(Store(text), text)
+        if self.store is not None and not Path(text).exists() and _STEP_DIR.match(text):
+            return self._fetch(Store(self.store.location(text)), text)
+        path = Path(text)
         if not path.exists() and (self.root / path).exists():
             path = self.root / path
         if not path.is_dir():
-            raise CheckpointError(f"checkpoint.resume={str(resume)!r}: no such folder "
-                                  f"(latest under {self.root}: {self.latest()})")
+            raise CheckpointError(f"checkpoint.resume={text!r}: no such folder "
+                                  f"(latest under {self.location}: {self.latest()})")
         if not (path / META).is_file():
-            raise CheckpointError(f"checkpoint.resume={str(resume)!r}: {path} is not a complete "
+            raise CheckpointError(f"checkpoint.resume={text!r}: {path} is not a complete "
                                   f"checkpoint (no {META}: its save never finished)")
         return path
+
+    def _fetch(self, checkpoint: Store, asked: str | None = None) -> Path:
+        """Download a checkpoint in a store into the staging folder (replacing an older copy)."""
+        if not checkpoint.is_file(META):
+            what = "no such checkpoint" if not checkpoint.is_folder("") else f"no {META}: its save never finished"
+            raise CheckpointError(f"checkpoint.resume={asked or checkpoint.uri!r}: {checkpoint.uri}: {what}")
+        local = self.root / checkpoint.uri.rsplit("/", 1)[-1]
+        if local.exists():
+            shutil.rmtree(local)
+        self.origin[local] = checkpoint.uri
+        return checkpoint.download("", local)
+
+
+def run_checkpoints(config) -> CheckpointManager:
+    """A run's checkpoints (``config``: an rl.config.Config): RUN/checkpoints; for a run in a
+    store, made in (and downloaded to) its local folder's ``checkpoints`` first."""
+    from rl.storage import run_dir, run_location
+
+    return CheckpointManager(join(run_location(config), CHECKPOINTS), config.checkpoint.keep_last,
+                             staging=run_dir(config) / CHECKPOINTS)
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:

@@ -39,7 +39,7 @@ from rl.config_schema import (
 from rl.config_rules import check
 
 __all__ = ["Config", "ConfigError", "load_config", "parse_override", "to_dict", "dump_config",
-           "describe", "run_dir", "check", "validate"]
+           "describe", "check", "validate"]
 
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _NAME = r"[A-Za-z0-9][A-Za-z0-9._-]*"
@@ -311,7 +311,12 @@ class LoggingConfig:
 
     name: str = knob("run", "Run name; fills {name} in run_dir.", pattern=_NAME)
     run_dir: str = knob("runs/{name}", "Run folder (resolved config, metrics, checkpoints); {name} is "
-                        "the only placeholder.", allowed="a path, may contain {name}")
+                        "the only placeholder. A URI (s3://, gs://, file://...) keeps the run in a "
+                        "store, credentials from its standard environment (README, \"Runs in a "
+                        "bucket\").", allowed="a path or a URI, may contain {name}")
+    local_dir: Optional[str] = knob(None, "For a run_dir in a store: the local folder the run works in "
+                                    "and copies from (null: one in the cache, $API_ADAPTER_CACHE/runs).",
+                                    allowed="a path")
     tracker: str = knob("jsonl", "Where step metrics go besides the console: none, jsonl "
                         "(metrics.jsonl in the run dir, which reports are made from), or jsonl plus "
                         "tensorboard (RUN/tensorboard), wandb or mlflow (the trackers extra; "
@@ -419,11 +424,6 @@ def dump_config(config: Config, path: str | Path) -> Path:
     path.write_text("# Resolved config, written by rl.config.dump_config; load it with load_config.\n"
                     + yaml_dump(to_dict(config)))
     return path
-
-
-def run_dir(config: Config) -> Path:
-    """The run folder, ``logging.run_dir`` with ``{name}`` filled in."""
-    return Path(config.logging.run_dir.replace("{name}", config.logging.name))
 
 
 def describe(section_name: str | None = None) -> str:

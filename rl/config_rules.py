@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Iterable
 
 from rl.config_schema import ConfigError, Issue
 from rl.interfaces import vllm_logprobs_mode
+from rl.storage import is_remote
 
 if TYPE_CHECKING:
     from rl.config import Config
@@ -77,6 +78,9 @@ def _rules(c: Config) -> Iterable[tuple[str, object, str, str]]:
     rest = c.logging.run_dir.replace("{name}", "")
     if "{" in rest or "}" in rest:
         yield "logging.run_dir", c.logging.run_dir, "unknown placeholder", "a path whose only placeholder is {name}"
+    if c.logging.local_dir is not None and not is_remote(c.logging.run_dir):
+        yield ("logging.local_dir", c.logging.local_dir, "only a run_dir in a store has a separate local folder",
+               "null, or a run_dir URI such as s3://bucket/runs/{name}")
 
 
 def _stage_rules(c: Config) -> Iterable[tuple[str, object, str, str]]:

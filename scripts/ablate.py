@@ -164,7 +164,8 @@ def write_summary(runs: list[RunResult], out: Path) -> tuple[Path, Path]:
 def load_configs(paths: list[Path], overrides: list[str]) -> list:
     """Every config, loaded and checked; ValueError (ConfigError) on the first bad one or when
     two would write into one run folder."""
-    from rl.config import load_config, run_dir
+    from rl.config import load_config
+    from rl.storage import run_dir
 
     configs = [load_config(path, overrides) for path in paths]
     folders: dict[Path, Path] = {}
@@ -179,7 +180,7 @@ def load_configs(paths: list[Path], overrides: list[str]) -> list:
 
 def train_one(config, retrain: bool) -> RunResult:
     """Train one config (unless its results exist and ``retrain`` is off) and load its results."""
-    from rl.config import run_dir
+    from rl.storage import run_dir
 
     folder = run_dir(config)
     if retrain or not (folder / "results.json").is_file():
@@ -204,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    from rl.config import run_dir
+    from rl.storage import run_dir
 
     if args.table_only:
         runs = [load_run(run_dir(c), c.logging.name, c.data.condition) for c in configs]

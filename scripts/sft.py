@@ -80,7 +80,7 @@ def _rationale(config, run: Path, tokenizer, parts, test_items, sink, manager, s
 
     def on_step_end(step: int, metrics: dict) -> None:
         if is_due(step, config.checkpoint.every_steps, sft.steps):
-            save_sft(manager, run, parts.learner, step, batches.position)
+            save_sft(config, manager, run, parts.learner, step, batches.position)
 
     return run_sft(parts.learner, batches, sft.steps, sink.log, start_step=start_step,
                    evaluate=_periodic(config, parts.engine, test_items), on_step_end=on_step_end)
@@ -122,20 +122,23 @@ def _distill(config, parts, tokenizer, train_items, sink, first_step: int) -> li
     return rounds
 
 
-def save_sft(manager, run: Path, learner, step: int, position: int) -> Path:
+def save_sft(config, manager, run: Path, learner, step: int, position: int) -> Path | str:
     """Checkpoint SFT step ``step`` (0-based) through rl/checkpoint.py; meta adds ``stage: sft``,
-    ``sft_step`` (steps done) and the data position."""
+    ``sft_step`` (steps done) and the data position. A run in a store copies its files there."""
     import shutil
 
     from rl.checkpoint import sha256_file
+    from rl.storage import run_location, sync_run_files
 
     def write(folder: Path) -> None:
         learner.save_state(folder)
         shutil.copy(run / "config.yaml", folder / "config.yaml")
 
-    return manager.save(step + 1, write, {"stage": "sft", "sft_step": step + 1, "data_position": position,
-                                          "policy_version": learner.policy_version,
-                                          "config_sha256": sha256_file(run / "config.yaml")})
+    saved = manager.save(step + 1, write, {"stage": "sft", "sft_step": step + 1, "data_position": position,
+                                           "policy_version": learner.policy_version,
+                                           "config_sha256": sha256_file(run / "config.yaml")})
+    sync_run_files(run, run_location(config))
+    return saved
 
 
 def resume_sft(config, manager, engine, learner) -> tuple[int, int]:
@@ -153,12 +156,13 @@ def resume_sft(config, manager, engine, learner) -> tuple[int, int]:
     learner.load_state(folder)
     sync_adapter(engine, learner)
     restore_rng(meta["rng"])
-    print(f"resumed SFT from {folder}: step {meta['sft_step']}, data position {meta['data_position']}")
+    print(f"resumed SFT from {manager.origin.get(folder, folder)}: step {meta['sft_step']}, data position {meta['data_position']}")
     return meta["sft_step"], meta["data_position"]
 
 
 def run(config) -> dict:
-    from rl.config import dump_config, run_dir
+    from rl.config import dump_config
+    from rl.storage import is_remote, pull_run_files, run_dir, run_location
 
     if config.data.task != "gsm8k" or config.data.test_path is None:
         raise SystemExit("scripts/sft.py runs GSM8K stages: set data.task=gsm8k, data.train_path and data.test_path")
@@ -166,6 +170,8 @@ def run(config) -> dict:
         raise SystemExit("sft.steps > 0 needs sft.data_path (rationale rows; scripts/rationale_data.py)")
     run = run_dir(config)
     run.mkdir(parents=True, exist_ok=True)
+    if is_remote(run_location(config)):
+        pull_run_files(run_location(config), run)
     dump_config(config, run / "config.yaml")
     total = config.sft.steps + config.sft.distill_rounds * config.sft.distill_steps
     # Every SFT step at sft.lr: the learner's constant-lr span covers the distillation steps too.
@@ -181,21 +187,22 @@ def run(config) -> dict:
 
 def _stages(config, run: Path, parts) -> dict:
     from actors.models import load_tokenizer
-    from rl.checkpoint import CheckpointManager
+    from rl.checkpoint import run_checkpoints
     from rl.datasets import read_tasks
     from rl.distill import effect_report, write_report
     from rl.metrics import ConsoleSink, FanOut, JsonlSink
+    from rl.storage import run_location, sync_run_files
     from scripts.evaluate import gsm8k_items
 
     tokenizer = load_tokenizer(config.model.name_or_path, config.model.trust_remote_code)
     train_items = gsm8k_items(tokenizer, read_tasks(config.data.train_path, "gsm8k")[0])
     test_items = gsm8k_items(tokenizer, read_tasks(config.data.test_path, "gsm8k", limit=config.eval.n_items)[0])
-    manager = CheckpointManager(run / "checkpoints", config.checkpoint.keep_last)
+    manager = run_checkpoints(config)
     start_step, position = resume_sft(config, manager, parts.engine, parts.learner)
     if start_step == 0:
         (run / "sft_metrics.jsonl").unlink(missing_ok=True)
     sink = FanOut(ConsoleSink(phase="sft"), JsonlSink(run / "sft_metrics.jsonl"))
-    results: dict = {"run_dir": str(run), "resumed_from_step": start_step}
+    results: dict = {"run_dir": run_location(config), "resumed_from_step": start_step}
     start = time.perf_counter()
     if start_step == 0 and config.eval.at_start:
         results["before"] = _evaluate(parts.engine, test_items, config, run, "before")[0]
@@ -218,6 +225,7 @@ def _stages(config, run: Path, parts) -> dict:
     results["adapter"] = str(parts.learner.save_adapter(run / "sft" / "adapter"))
     (run / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
     print(f"adapter {results['adapter']} (the next stage's lora.init_from); wrote {run / 'results.json'}")
+    sync_run_files(run, run_location(config))
     return results
 
 

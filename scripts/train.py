@@ -180,7 +180,8 @@ def _evaluate(engine, items, config, run: Path, label: str) -> dict:
 def run(config) -> dict:
     import torch
 
-    from rl.config import dump_config, run_dir
+    from rl.config import dump_config
+    from rl.storage import is_remote, pull_run_files, run_dir, run_location
 
     if config.rollout.engine == "vllm":  # before any work: no upstream call, no model load
         from actors.rollout_vllm import require_vllm
@@ -189,6 +190,8 @@ def run(config) -> dict:
     torch.manual_seed(config.learner.seed)
     run = run_dir(config)
     run.mkdir(parents=True, exist_ok=True)
+    if is_remote(run_location(config)):  # its metrics and paid-for answers, on whichever host
+        pull_run_files(run_location(config), run)
     dump_config(config, run / "config.yaml")
     train_tasks, test_tasks = _symbol_tasks(config, run)
     parts = (_on_ray if config.cluster.mode == "ray" else _in_process)(config, run)
@@ -197,8 +200,9 @@ def run(config) -> dict:
     except Exception as error:
         if config.cluster.mode == "ray":
             from cluster.build import raise_if_actor_lost
+            from rl.checkpoint import run_checkpoints
 
-            raise_if_actor_lost(error, run / "checkpoints")
+            raise_if_actor_lost(error, run_checkpoints(config))
         raise
     finally:
         parts.close()
@@ -207,8 +211,9 @@ def run(config) -> dict:
 def _train_and_evaluate(config, run: Path, parts: Parts, train_tasks, test_tasks) -> dict:
     from actors.models import load_tokenizer
     from rl.loop import LoopSettings, train
-    from rl.checkpoint import CheckpointManager, GracefulStop, TrainingStopped, is_due
+    from rl.checkpoint import GracefulStop, TrainingStopped, is_due, run_checkpoints
     from rl.metrics import sinks_for
+    from rl.storage import run_location, sync_run_files
 
     answers = parts.answer_all(_requests(config, train_tasks + test_tasks))
     print(f"upstream: {len(answers)} answers ({sum(a.cached for a in answers)} from the cache), "
@@ -218,9 +223,9 @@ def _train_and_evaluate(config, run: Path, parts: Parts, train_tasks, test_tasks
     train_items = _items(config, tokenizer, train_tasks, api_answers[: len(train_tasks)])
     test_items = _items(config, tokenizer, test_tasks, api_answers[len(train_tasks):])
     engine, learner = parts.engine, parts.learner
-    manager = CheckpointManager(run / "checkpoints", config.checkpoint.keep_last)
+    manager = run_checkpoints(config)
     start_step, position, meta = _resume(config, manager, engine, learner)
-    results = {"run_dir": str(run), "resumed_from_step": start_step}
+    results = {"run_dir": run_location(config), "resumed_from_step": start_step}
     spent_s = 0.0
     if start_step == 0:
         from rl.trackers import RUNS_FILE
@@ -257,7 +262,7 @@ def _train_and_evaluate(config, run: Path, parts: Parts, train_tasks, test_tasks
     with GracefulStop() as stop, contextlib.closing(sink):
         def on_step_end(step: int, metrics: dict, stream, extra=None, boundary=False) -> None:
             due = boundary or is_due(step, config.checkpoint.every_steps, 0 if extra else algo.steps)
-            folder = _save(manager, run, learner, step, stream, extra) if due or stop.requested else None
+            folder = _save(config, manager, run, learner, step, stream, extra) if due or stop.requested else None
             last.update(step=step, stream=stream, folder=folder, extra=extra)
             if stop.requested:
                 raise TrainingStopped(step + 1, folder)
@@ -275,7 +280,7 @@ def _train_and_evaluate(config, run: Path, parts: Parts, train_tasks, test_tasks
                   f"continue with --set checkpoint.resume=true")
             return {**results, "stopped_at_step": stopped.step}
     if last and last["folder"] is None:  # the time budget ended the run between scheduled saves
-        _save(manager, run, learner, last["step"], last["stream"], last["extra"])
+        _save(config, manager, run, learner, last["step"], last["stream"], last["extra"])
     results["train_seconds"] = spent_s + (history[-1]["time/train_seconds"] - spent_s if history else 0.0)
     results["steps"] = start_step + len(history)
     results["reward_curve"] = [round(m["reward/mean"], 4) for m in history]
@@ -286,6 +291,7 @@ def _train_and_evaluate(config, run: Path, parts: Parts, train_tasks, test_tasks
 
     paths = report_from_run(run)
     print(f"report: {paths['report']}")
+    sync_run_files(run, run_location(config))
     return results
 
 
@@ -369,22 +375,26 @@ def _resume(config, manager, engine, learner) -> tuple[int, int, dict]:
     learner.load_state(folder)
     sync_adapter(engine, learner)  # the engines follow
     restore_rng(meta["rng"])
-    print(f"resumed from {folder}: step {meta['step']}, data position {meta['data_position']}, "
+    print(f"resumed from {manager.origin.get(folder, folder)}: step {meta['step']}, data position {meta['data_position']}, "
           f"policy version {learner.policy_version}")
     return meta["step"], meta["data_position"], meta
 
 
-def _save(manager, run: Path, learner, step: int, stream, extra: dict | None = None) -> Path:
+def _save(config, manager, run: Path, learner, step: int, stream, extra: dict | None = None) -> Path | str:
+    """Checkpoint after 0-based ``step``; a run in a store copies its other files there too."""
     import shutil
 
     from rl.checkpoint import sha256_file
+    from rl.storage import run_location, sync_run_files
 
     def write(folder: Path) -> None:
         learner.save_state(folder)
         shutil.copy(run / "config.yaml", folder / "config.yaml")
 
-    return manager.save(step + 1, write, {"data_position": stream.position, "policy_version": learner.policy_version,
-                                          "config_sha256": sha256_file(run / "config.yaml"), **(extra or {})})
+    saved = manager.save(step + 1, write, {"data_position": stream.position, "policy_version": learner.policy_version,
+                                           "config_sha256": sha256_file(run / "config.yaml"), **(extra or {})})
+    sync_run_files(run, run_location(config))
+    return saved
 
 
 def main(argv: list[str] | None = None) -> int:

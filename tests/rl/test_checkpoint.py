@@ -44,7 +44,8 @@ def test_save_writes_a_complete_step_folder(tmp_path):
     assert (meta["step"], meta["data_position"], meta["policy_version"]) == (2, 9, 2)
     assert "python" in meta["rng"] and abs(meta["time"] - time.time()) < 60
     assert json.loads((path / "meta.json").read_text()) == meta
-    assert [p.name for p in (tmp_path / "ckpt").iterdir()] == ["step_000002"]  # no temp left
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["latest", "step_000002"]  # no temp left
+    assert (tmp_path / "ckpt" / "latest").read_text() == "step_000002"
 
 
 def test_a_failed_write_leaves_no_step_and_the_next_save_cleans_up(tmp_path):
@@ -60,7 +61,7 @@ def test_a_failed_write_leaves_no_step_and_the_next_save_cleans_up(tmp_path):
     assert manager.latest() == first and steps(manager) == [1]  # keep_last=1 pruned nothing
     assert any(p.name.startswith(".tmp-step_000002") for p in tmp_path.iterdir())
     manager.save(3, writer(), {})
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_000003"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_000003"]
 
 
 def test_keep_last_prunes_only_once_the_new_one_is_complete(tmp_path):
@@ -94,7 +95,7 @@ def test_saving_the_same_step_again_replaces_it(tmp_path):
     path = manager.save(4, writer("new"), {"note": "again"})
     assert (path / "adapter" / "weights.bin").read_text() == "new" and steps(manager) == [4]
     assert read_meta(path)["note"] == "again"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_000004"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_000004"]
 
 
 def test_latest_ignores_temporary_incomplete_and_foreign_folders(tmp_path):
@@ -307,7 +308,7 @@ def test_a_resumed_run_continues_exactly(word_model, tmp_path):
                           "policy_version": learner_a.policy_version})
 
     history_a = train(items, engine_a, learner_a, score, settings, Sink(), on_step_end=on_step_end)
-    assert [p.name for p in manager.root.iterdir()] == ["step_000004"]  # keep_last=1
+    assert sorted(p.name for p in manager.root.iterdir()) == ["latest", "step_000004"]  # keep_last=1
 
     # The interrupted run: a fresh process would start here, from the step-2 checkpoint (saved
     # again below from a run stopped after 2 steps, as a SIGTERM after step 2 would).

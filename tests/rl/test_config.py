@@ -11,7 +11,7 @@ import pytest
 
 from rl import config_schema
 from rl.config import (
-    Config, ConfigError, describe, dump_config, load_config, main, parse_override, run_dir, to_dict, validate,
+    Config, ConfigError, describe, dump_config, load_config, main, parse_override, to_dict, validate,
 )
 from rl.config_schema import build, section_items, specs, yaml_load
 
@@ -331,8 +331,18 @@ def test_describe_one_section():
         describe("lroa")
 
 
-def test_run_dir_and_cli(capsys):
+def test_run_dir_and_cli(capsys, tmp_path, monkeypatch):
+    from rl.storage import run_dir, run_location
+
     assert run_dir(load_config(SMOKE)) == Path("runs/smoke")
+    monkeypatch.setenv("API_ADAPTER_CACHE", str(tmp_path))
+    in_a_bucket = load_config(SMOKE, ["logging.run_dir=s3://bucket/runs/{name}"])
+    assert run_location(in_a_bucket) == "s3://bucket/runs/smoke"
+    assert run_dir(in_a_bucket).parent == tmp_path / "runs" and run_dir(in_a_bucket).name.startswith("smoke-")
+    staged = load_config(SMOKE, ["logging.run_dir=gs://b/r", f"logging.local_dir={tmp_path / 'r'}"])
+    assert run_dir(staged) == tmp_path / "r"
+    with pytest.raises(ConfigError, match="logging.local_dir.*only a run_dir in a store"):
+        load_config(SMOKE, [f"logging.local_dir={tmp_path}"])
     assert main([str(SMOKE), "--set", "learner.lr=0.5"]) == 0
     assert "lr: 0.5" in capsys.readouterr().out
     assert main(["--set", "learner.lr=5"]) == 2
