@@ -214,9 +214,10 @@ def test_eval_metrics_carry_the_answer_boundary_rates():
 
 
 def test_rationale_sft_lowers_the_loss_and_teaches_the_strict_final_line(tmp_path):
-    """A random 2-layer Llama with the embedded tokenizer, LoRA only: 40 SFT steps on four
-    rationale rows; the loss falls and greedy decoding then writes each row's strict format
-    (exact, ``#### n`` last, EOS right after: nothing trailing)."""
+    """A random 2-layer Llama with the embedded tokenizer, LoRA only: 60 SFT steps on four
+    rationale rows; the loss falls and greedy decoding then writes each row exactly, in the
+    strict format (``#### n`` last, EOS right after: nothing trailing). (lr 1e-2 spiked on one
+    thread and not on two, so the rate is one that converges under either.)"""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -236,13 +237,13 @@ def test_rationale_sft_lowers_the_loss_and_teaches_the_strict_final_line(tmp_pat
     rows = [(f"Problem: {a} plus {b}?\nSolution:", f"\n{a} + {b} = {a + b}\n#### {a + b}")
             for a, b in ((2, 3), (4, 1), (6, 2), (3, 3))]
     groups = rationale_groups(rows, tok)
-    learner = Learner(str(tmp_path), lora_rank=16, lora_alpha=32, lr=1e-2, weight_decay=0.0, warmup_steps=0,
+    learner = Learner(str(tmp_path), lora_rank=16, lora_alpha=32, lr=5e-3, weight_decay=0.0, warmup_steps=0,
                       total_steps=100, lr_schedule="constant", tis_cap=None, seed=0)
-    history = run_sft(learner, CountBatches(groups, 4, 0), 40, lambda s, m: None)
-    assert history[-1]["sft/loss"] < history[0]["sft/loss"] / 5
+    history = run_sft(learner, CountBatches(groups, 4, 0), 60, lambda s, m: None)
+    assert history[-1]["sft/loss"] < history[0]["sft/loss"] / 100
     learner.module.eval()
     for (_, target), group in zip(rows, groups):
         out = learner.module.generate(input_ids=torch.tensor([group.prompt_ids]), max_new_tokens=16, do_sample=False,
                                       eos_token_id=tok.eos_token_id, pad_token_id=0)
         text = tok.decode(out[0, len(group.prompt_ids):], skip_special_tokens=True)
-        assert keep_sample(text, target.split("#### ")[1]), text
+        assert text == target and keep_sample(text, target.split("#### ")[1]), text

@@ -10,7 +10,6 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from pathlib import Path
 
@@ -65,11 +64,11 @@ def test_a_store_reads_writes_lists_and_deletes(s3, where):
 
 def test_a_checkpoint_in_a_bucket_commits_meta_then_marker_and_prunes(s3, where, tmp_path):
     manager = CheckpointManager(f"{where}/checkpoints", keep_last=2, staging=tmp_path / "staging")
-    s3.recorder.puts.clear()
+    s3.clear_puts()
     saved = manager.save(1, _write({"adapter/adapter_model.safetensors": b"w1", "learner_state.pt": b"s1"}),
                          {"data_position": 4})
     assert saved == f"{where}/checkpoints/step_000001"
-    keys = [k.rsplit("/checkpoints/", 1)[1] for k in s3.recorder.puts if "/checkpoints/" in k]
+    keys = [k.rsplit("/checkpoints/", 1)[1] for k in s3.puts() if "/checkpoints/" in k]
     assert keys[-2:] == ["step_000001/meta.json", "latest"]  # every file before meta.json, the marker last
     assert set(keys[:-2]) >= {"step_000001/adapter/adapter_model.safetensors", "step_000001/learner_state.pt"}
     for step in (2, 3):
@@ -114,24 +113,15 @@ def test_a_writer_killed_mid_upload_leaves_the_last_complete_checkpoint(s3, wher
     is a folder without meta.json, which nothing reads; the latest is step 1, on a fresh
     folder elsewhere; saving step 2 again replaces the leftover."""
     root = f"{where}/checkpoints"
-    seen: list[str] = []
-
-    def second_file_of_step_2(key: str) -> bool:
-        if "/step_000002/" in key:
-            seen.append(key)
-        return len(seen) >= 2
-
-    s3.recorder.stall, s3.recorder.release = second_file_of_step_2, threading.Event()
-    s3.recorder.stalled.clear()
+    s3.stall(on="/step_000002/", nth=2)
     writer = subprocess.Popen([sys.executable, "-c", _KILLED_WRITER, root, str(tmp_path / "w")], cwd=ROOT,
                               env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE, text=True)
     try:
-        assert s3.recorder.stalled.wait(60), "the writer never reached step 2's second file"
+        assert s3.wait_stalled(60), "the writer never reached step 2's second file"
         writer.send_signal(signal.SIGKILL)
         writer.wait(30)
     finally:
-        s3.recorder.stall = None
-        s3.recorder.release.set()
+        s3.release()
         writer.kill()
     assert writer.stdout.read().strip() == "saved 1"
     store = Store(root)

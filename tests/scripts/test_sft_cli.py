@@ -53,8 +53,9 @@ def test_a_killed_sft_run_resumes_to_the_uninterrupted_adapter(tmp_path):
     assert sft.main(_argv(model, data, straight)) == 0
     metrics = [json.loads(line) for line in (straight / "sft_metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == list(range(STEPS))
-    assert sorted(p.name for p in (straight / "checkpoints").iterdir()) == ["step_000002", "step_000004",
-                                                                          "step_000006"]
+    assert sorted(p.name for p in (straight / "checkpoints").iterdir()) == ["latest", "step_000002",
+                                                                          "step_000004", "step_000006"]
+    assert (straight / "checkpoints" / "latest").read_text().strip() == "step_000006"
 
     killed = tmp_path / "killed"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
